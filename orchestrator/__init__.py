@@ -1,0 +1,1 @@
+"""flashmoe.orchestrator."""
