@@ -1,0 +1,278 @@
+"""``flashmoe pack``: write a packed expert store from a checkpoint.
+
+A packed store is a directory::
+
+    config.json, tokenizer files       copied from the source
+    model.safetensors                  the dense (non-expert) tensors, original names and bytes
+    experts/layer-LLL.bin              one record per expert at expert * record_stride
+    manifest.json                      layout, quantization, files, crc32 per record (written last)
+
+It is written into ``OUT.partial`` and renamed to ``OUT`` only once the manifest is in place, so an
+interrupted run never leaves something ``open_store`` takes for a good store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from flashmoe.errors import CheckpointError
+from flashmoe.store import (
+    PACKED_FORMAT,
+    PACKED_VERSION,
+    RECORD_ALIGN,
+    ST_NAMES,
+    RecordLayout,
+    Store,
+    _roundup,
+    layout_to_json,
+    make_layout,
+    open_store,
+    record_to_arrays,
+)
+
+COPY_GLOBS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template*",
+    "*.jinja",
+    "vocab.json",
+    "merges.txt",
+    "preprocessor_config.json",
+)
+DENSE_FILE = "model.safetensors"
+_COPY_CHUNK = 16 << 20
+
+Convert = Callable[[memoryview, memoryview], None]
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for pattern in COPY_GLOBS:
+        for f in sorted(src.glob(pattern)):
+            if f.is_file():
+                shutil.copy2(f, dst / f.name)
+
+
+def _write_dense(store: Store, dst: Path) -> list[str]:
+    """Stream the dense tensors' bytes, unchanged, into one safetensors file."""
+    tensors = store.dense_tensors()
+    header: dict[str, Any] = {"__metadata__": {"format": "mlx" if store.kind == "mlx" else "pt"}}
+    off = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        header[name] = {
+            "dtype": ST_NAMES.get(t.dtype, t.dtype),
+            "shape": list(t.shape),
+            "data_offsets": [off, off + t.nbytes],
+        }
+        off += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the format recommends
+    buf = bytearray(_COPY_CHUNK)
+    with open(dst / DENSE_FILE, "wb") as out:
+        out.write(len(raw).to_bytes(8, "little"))
+        out.write(raw)
+        for name in sorted(tensors):
+            t = tensors[name]
+            fd = os.open(t.path, os.O_RDONLY)
+            try:
+                done = 0
+                while done < t.nbytes:
+                    n = min(_COPY_CHUNK, t.nbytes - done)
+                    got = os.preadv(fd, [memoryview(buf)[:n]], t.offset + done)
+                    if got != n:
+                        raise CheckpointError(f"short read of {name} from {t.path}: truncated?")
+                    out.write(memoryview(buf)[:n])
+                    done += n
+            finally:
+                os.close(fd)
+    return [DENSE_FILE]
+
+
+def _to_mx(a: np.ndarray, dtype: str) -> Any:
+    import mlx.core as mx
+
+    x = mx.array(a)
+    return x.view(mx.bfloat16) if dtype == "bfloat16" else x
+
+
+def _from_mx(x: Any) -> np.ndarray:
+    import mlx.core as mx
+
+    return np.array(x.view(mx.uint16) if x.dtype == mx.bfloat16 else x)
+
+
+def requantize_plan(store: Store, bits: int, group_size: int) -> tuple[RecordLayout, dict, Convert]:
+    """The target layout and a function that re-quantizes one source record into it."""
+    src, q = store.layout, store.quantization
+    projs = [t.name.rsplit(".", 1)[0] for t in src.tensors if t.name.endswith(".weight")]
+    specs, plans = [], {}
+    for proj in projs:
+        w = src.tensor(f"{proj}.weight")
+        if q is None:
+            out_dim, in_dim = w.shape
+            fdtype = w.dtype
+        else:
+            s = src.tensor(f"{proj}.scales")
+            out_dim, in_dim = s.shape[0], s.shape[1] * q["group_size"]
+            fdtype = s.dtype
+        if fdtype not in ("bfloat16", "float16", "float32"):
+            raise CheckpointError(f"{proj}.weight: cannot quantize from dtype {fdtype}")
+        if in_dim % group_size or (in_dim * bits) % 32:
+            raise CheckpointError(
+                f"{proj}: input size {in_dim} is not a multiple of group size {group_size}"
+            )
+        specs += [
+            (f"{proj}.weight", "uint32", (out_dim, in_dim * bits // 32)),
+            (f"{proj}.scales", fdtype, (out_dim, in_dim // group_size)),
+            (f"{proj}.biases", fdtype, (out_dim, in_dim // group_size)),
+        ]
+        plans[proj] = fdtype
+        bias = f"{proj}.bias"
+        if any(t.name == bias for t in src.tensors):
+            b = src.tensor(bias)
+            specs.append((bias, b.dtype, b.shape))
+    layout = make_layout(specs)
+    quant = {"group_size": group_size, "bits": bits, "mode": "affine"}
+
+    def convert(rec: memoryview, out: memoryview) -> None:
+        import mlx.core as mx
+
+        arrs = record_to_arrays(src, rec)
+        dst = record_to_arrays(layout, out)
+        for proj, fdtype in plans.items():
+            w = _to_mx(arrs[f"{proj}.weight"], src.tensor(f"{proj}.weight").dtype)
+            if q is not None:
+                biases = arrs.get(f"{proj}.biases")
+                w = mx.dequantize(
+                    w,
+                    _to_mx(arrs[f"{proj}.scales"], fdtype),
+                    None if biases is None else _to_mx(biases, fdtype),
+                    group_size=q["group_size"],
+                    bits=q["bits"],
+                    mode=q.get("mode", "affine"),
+                )
+            wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+            for name, x in (("weight", wq), ("scales", scales), ("biases", biases)):
+                dst[f"{proj}.{name}"][...] = _from_mx(x)
+            if f"{proj}.bias" in dst:
+                dst[f"{proj}.bias"][...] = arrs[f"{proj}.bias"]
+
+    return layout, quant, convert
+
+
+def pack(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    bits: int | None = None,
+    group_size: int = 64,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write a packed store of ``src`` to ``out``; re-quantize experts when ``bits`` is given."""
+    store = open_store(src)
+    out = Path(out).absolute()
+    if out == store.path:
+        raise CheckpointError("pack cannot write over its own source")
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} exists (use --force to overwrite)")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    (partial / "experts").mkdir(parents=True)
+    try:
+        _pack_into(store, partial, bits, group_size, progress)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        store.close()
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, out)
+    return out
+
+
+def _pack_into(store: Store, dst: Path, bits: int | None, group_size: int, progress: bool) -> None:
+    _copy_side_files(store.path, dst)
+    dense_files = _write_dense(store, dst)
+    if bits is None:
+        layout, quant, convert = store.layout, store.quantization, None
+    else:
+        layout, quant, convert = requantize_plan(store, bits, group_size)
+    stride = _roundup(layout.nbytes, RECORD_ALIGN)
+    E = store.num_experts
+    src_buf = memoryview(bytearray(store.layout.nbytes))
+    out_buf = memoryview(bytearray(stride))  # zero tail and tensor gaps: stay zero between records
+    files, checksums = {}, {}
+    total = len(store.moe_layers) * E
+    with tqdm(total=total, unit="expert", disable=not progress, desc="pack") as bar:
+        for layer in store.moe_layers:
+            rel = f"experts/layer-{layer:03d}.bin"
+            crcs = []
+            with open(dst / rel, "wb") as f:
+                for e in range(E):
+                    if convert is None:
+                        store.read_into(layer, e, out_buf)
+                    else:
+                        store.read_into(layer, e, src_buf)
+                        convert(src_buf, out_buf)
+                    crcs.append(zlib.crc32(out_buf[: layout.nbytes]))
+                    f.write(out_buf)
+                    bar.update(1)
+                os.fsync(f.fileno())
+            files[str(layer)] = rel
+            checksums[str(layer)] = crcs
+    manifest = {
+        "format": PACKED_FORMAT,
+        "version": PACKED_VERSION,
+        "source": {"kind": store.kind, "name": store.path.name},
+        "model_type": store.model_type,
+        "moe_layers": store.moe_layers,
+        "num_experts": E,
+        "top_k": store.top_k,
+        "quantization": quant,
+        "record_stride": stride,
+        "layout": layout_to_json(layout),
+        "bank_paths": {str(layer): store.bank_path(layer) for layer in store.moe_layers},
+        "dense_files": dense_files,
+        "files": files,
+        "checksums": checksums,
+    }
+    tmp = dst / "manifest.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dst / "manifest.json")
+
+
+def cmd_pack(args: Any) -> int:
+    """``flashmoe pack SRC OUT [--bits N] [--group-size G] [--force]``."""
+    t0 = time.perf_counter()
+    out = pack(args.src, args.out, bits=args.bits, group_size=args.group_size, force=args.force)
+    secs = time.perf_counter() - t0
+    store = open_store(out)
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(
+        f"packed {len(store.moe_layers)} layers x {store.num_experts} experts "
+        f"({written / 1e9:.2f} GB) to {out} in {secs:.1f} s ({written / 1e6 / secs:.0f} MB/s)"
+    )
+    return 0
