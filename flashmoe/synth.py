@@ -193,7 +193,9 @@ def _deepseek_groups(d: Dims) -> tuple[int, int]:
 
 def _deepseek_v3_config(d: Dims, tok: dict) -> dict:
     if d.layers > 61:
-        raise CheckpointError("deepseek_v3: mlx-lm drops layer 61 (the MTP layer); use --layers <= 61")
+        raise CheckpointError(
+            "deepseek_v3: mlx-lm drops layer 61 (the MTP layer); use --layers <= 61"
+        )
     big = d.hidden >= 1024
     heads = max(2, d.hidden // 64)
     n_group, topk_group = _deepseek_groups(d)
@@ -690,8 +692,9 @@ def synth(
         raise CheckpointError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     if layout == "mlx" and bits not in (2, 3, 4, 5, 6, 8):
         raise FlashMoeError(f"--bits {bits} is not an mlx affine width (2, 3, 4, 5, 6, 8)")
-    given = dict(layers=layers, hidden=hidden, experts=experts, topk=topk,
-                 moe_inter=moe_inter, vocab=vocab)
+    given = dict(
+        layers=layers, hidden=hidden, experts=experts, topk=topk, moe_inter=moe_inter, vocab=vocab
+    )
     d = Dims(**{k: v for k, v in given.items() if v is not None})
     if min(d.layers, d.hidden, d.experts, d.topk, d.moe_inter) < 1:
         raise FlashMoeError("sizes must be positive")
@@ -747,7 +750,7 @@ def _write_all(
     weight_map = {}
     fmt = "pt" if layout == "hf" else "mlx"
     with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="synth") as bar:
-        for name, shard in zip(names, shards):
+        for name, shard in zip(names, shards, strict=True):
             _write_shard(tmp / name, shard, fmt, seed, bar)
             weight_map.update({t.name: name for t in shard})
     (tmp / "tokenizer.json").write_text(_tokenizer_json(vocab))
