@@ -1,0 +1,106 @@
+"""Every ZeroMQ socket of the system is made here: one context, linger 0, bounded queues, ipc
+endpoints in a private per-user runtime directory, and receives that always time out."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import zmq
+from flashmoe.protocol.messages import MAX_MESSAGE_BYTES, decode, encode
+
+HWM = 100_000  # messages; the real bound is the slot count (one request per slot)
+_MAX_IPC_PATH = 100  # sun_path is 104 (macOS) / 108 (Linux) bytes
+
+
+def context() -> zmq.Context:
+    """The process-wide context (workers are spawned, never forked, so one per process)."""
+    return zmq.Context.instance()
+
+
+def runtime_dir() -> Path:
+    """``$XDG_RUNTIME_DIR/flashmoe`` or ``<tempdir>/flashmoe-<uid>``, created with mode 0700."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    d = Path(xdg) / "flashmoe" if xdg else Path(tempfile.gettempdir()) / f"flashmoe-{os.getuid()}"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = d.lstat()
+    # A shared /tmp lets another user pre-create the directory: refuse it rather than trust it.
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(f"runtime directory {d} is not a directory owned by this user")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(d, 0o700)
+    return d
+
+
+def ipc_endpoint(name: str) -> str:
+    """``ipc://<runtime dir>/<name>``; raises if the path is too long for a unix socket."""
+    path = runtime_dir() / name
+    if len(str(path).encode()) > _MAX_IPC_PATH:
+        raise ValueError(f"ipc path too long for a unix socket ({len(str(path))} bytes): {path}")
+    return f"ipc://{path}"
+
+
+def fresh_endpoint(prefix: str) -> str:
+    """A new, unused ipc endpoint ``<prefix>-<pid>-<random>.sock``."""
+    return ipc_endpoint(f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}.sock")
+
+
+def endpoint_path(endpoint: str) -> Path | None:
+    return Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
+
+
+def _socket(kind: int, max_bytes: int) -> zmq.Socket:
+    s = context().socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, HWM)
+    s.setsockopt(zmq.RCVHWM, HWM)
+    # Frames beyond the message limit are dropped by zmq itself (+ room for the tag frame).
+    s.setsockopt(zmq.MAXMSGSIZE, max_bytes + 64)
+    return s
+
+
+def router(bind: str, max_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
+    """A ROUTER bound to ``bind``; sends to a peer that is gone raise instead of vanishing."""
+    s = _socket(zmq.ROUTER, max_bytes)
+    s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    s.bind(bind)
+    return s
+
+
+def dealer(connect: str, identity: bytes | None = None, max_bytes: int = MAX_MESSAGE_BYTES):
+    """A DEALER connected to ``connect`` (``identity`` lets a ROUTER address it)."""
+    s = _socket(zmq.DEALER, max_bytes)
+    if identity is not None:
+        s.setsockopt(zmq.IDENTITY, identity)
+    s.connect(connect)
+    return s
+
+
+def recv_with_timeout(sock: zmq.Socket, timeout_s: float) -> list[bytes] | None:
+    """One multipart message, or None after ``timeout_s`` seconds."""
+    if sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
+        return sock.recv_multipart()
+    return None
+
+
+def send_msg(sock: zmq.Socket, msg: Any, identity: bytes | None = None) -> None:
+    """Encode and send; ``identity`` addresses one peer of a ROUTER."""
+    frames = encode(msg)
+    sock.send_multipart(frames if identity is None else [identity, *frames])
+
+
+def split_routed(frames: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """ROUTER frames -> (peer identity, message frames)."""
+    return frames[0], frames[1:]
+
+
+def recv_msg(
+    sock: zmq.Socket, accept: frozenset[type], timeout_s: float, max_bytes: int = MAX_MESSAGE_BYTES
+) -> Any:
+    """Receive and decode one message (DEALER side) or None on timeout; ProtocolError if bad."""
+    frames = recv_with_timeout(sock, timeout_s)
+    return None if frames is None else decode(frames, accept, max_bytes)

@@ -1,0 +1,316 @@
+"""The loader worker: reads expert records from disk into shared-memory slots.
+
+Started by the coordinator as a subprocess (never a fork of it: it holds MLX state)::
+
+    python -m flashmoe.workers.loader --endpoint ipc://... --pool NAME --slots N \
+        --slot-bytes B --threads T --worker-id K
+
+Its DEALER connects to the coordinator's ROUTER and says ``Hello``, then serves ``LoadRequest``s.
+Each request is cut into pieces of at most ``--chunk-bytes`` that T I/O threads read with
+``os.preadv`` (which releases the GIL) straight into the slot: O_DIRECT (``F_NOCACHE`` on macOS)
+where the request asks for it and offset, length and destination are 4 KiB aligned, buffered
+otherwise. The last piece to finish checks the crc32 and queues the reply; the main thread sends
+it on its own DEALER (a zmq socket belongs to one thread; identity ``<worker id>:<thread>``), so
+a reply costs no hop back through the main thread. The worker keeps no state worth saving: it can
+be killed at any time, and exits by itself when its parent dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import zmq
+from flashmoe.protocol.messages import (
+    WORKER_ACCEPTS,
+    Hello,
+    LoadDone,
+    LoadFailed,
+    LoadRequest,
+    ProtocolError,
+    Shutdown,
+    decode,
+    encode,
+)
+from flashmoe.protocol.sockets import dealer
+from flashmoe.shm.pool import ExpertPool
+
+from flashmoe import __version__
+
+DIRECT_ALIGN = 4096
+DEFAULT_CHUNK = 1 << 20
+_HAVE_O_DIRECT = hasattr(os, "O_DIRECT")
+_HAVE_NOCACHE = sys.platform == "darwin"
+
+
+def _round_up(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+@dataclass
+class _Job:
+    req: LoadRequest
+    t0: float
+    remaining: int
+    record_end: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Piece:
+    path: str
+    offset: int  # in the file
+    dest: int  # in the slot
+    length: int  # bytes to ask for (rounded up to a block for O_DIRECT)
+    need: int  # bytes that must arrive (the rest is slot padding)
+    direct: bool
+
+
+def plan(extents: list[list], slot_bytes: int, direct: bool, chunk: int) -> list[_Piece]:
+    """Cut extents into pieces; O_DIRECT only where offset, dest and length can be aligned.
+
+    A length that is not a block multiple is rounded up when the extra bytes land in slot space
+    that no other extent writes (the padding after the record), so packed records stay direct.
+    """
+    ordered = sorted(extents, key=lambda e: e[3])
+    pieces = []
+    for i, (path, off, length, dest) in enumerate(ordered):
+        if dest + length > slot_bytes:
+            raise ValueError(f"extent of {path} ({dest}+{length}) overruns the {slot_bytes} B slot")
+        if i + 1 < len(ordered) and ordered[i + 1][3] < dest + length:
+            raise ValueError(f"extents overlap in the slot at byte {ordered[i + 1][3]}")
+        limit = ordered[i + 1][3] if i + 1 < len(ordered) else slot_bytes
+        want = _round_up(length, DIRECT_ALIGN)
+        d = direct and off % DIRECT_ALIGN == 0 and dest % DIRECT_ALIGN == 0 and dest + want <= limit
+        span = want if d else length
+        step = max(DIRECT_ALIGN, chunk - chunk % DIRECT_ALIGN) if chunk > 0 else max(span, 1)
+        for s in range(0, max(span, 1), step):
+            n = min(step, span - s)
+            need = max(0, min(n, length - s))
+            if n > 0:
+                pieces.append(_Piece(path, off + s, dest + s, n, need, d))
+    return pieces
+
+
+class Loader:
+    """The I/O side: threads that fill slots and send the replies on their own sockets."""
+
+    def __init__(
+        self,
+        pool: ExpertPool,
+        threads: int,
+        endpoint: str,
+        worker_id: int,
+        chunk: int = DEFAULT_CHUNK,
+    ):
+        self.pool = pool
+        self.chunk = chunk
+        self.endpoint = endpoint
+        self.worker_id = worker_id
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._local = threading.local()  # .send: this thread's socket
+        self._fds: dict[tuple[str, bool], int] = {}
+        self._fd_lock = threading.Lock()
+        self._no_direct: set[str] = set()  # filesystems that refuse O_DIRECT (tmpfs)
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), name=f"io{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, req: LoadRequest) -> None:
+        t0 = time.perf_counter()
+        try:
+            if not 0 <= req.slot < self.pool.nslots:
+                raise ValueError(f"slot {req.slot} out of range (pool has {self.pool.nslots})")
+            pieces = plan(req.extents, self.pool.slot_bytes, req.direct, self.chunk)
+        except ValueError as e:
+            self._reply(_Job(req, t0, 0, 0), str(e))
+            return
+        end = max((e[3] + e[2] for e in req.extents), default=0)
+        job = _Job(req, t0, len(pieces), end)
+        if not pieces:
+            self._finish(job)
+        for p in pieces:
+            self.tasks.put((job, p))
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        for _ in self._threads:
+            self.tasks.put(None)
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    # -- I/O threads ---------------------------------------------------------------------------
+
+    def _run(self, index: int) -> None:
+        sock = dealer(self.endpoint, identity=f"{self.worker_id}:{index}".encode())
+        self._local.send = sock.send_multipart
+        try:
+            self._serve()
+        finally:
+            sock.close(0)
+
+    def _serve(self) -> None:
+        while True:
+            item = self.tasks.get()
+            if item is None:
+                return
+            job, p = item
+            err = None
+            if job.error is None:  # a failed request skips its remaining pieces
+                try:
+                    self._read(job.req.slot, p)
+                except OSError as e:
+                    err = f"{p.path} at offset {p.offset}: {e.strerror or e}"
+                except EOFError as e:
+                    err = str(e)
+            with job.lock:
+                if err and job.error is None:
+                    job.error = err
+                job.remaining -= 1
+                last = job.remaining == 0
+            if last:
+                self._finish(job)
+
+    def _fd(self, path: str, direct: bool) -> int:
+        key = (path, direct)
+        fd = self._fds.get(key)
+        if fd is None:
+            with self._fd_lock:
+                fd = self._fds.get(key)
+                if fd is None:
+                    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+                    if direct and _HAVE_O_DIRECT:
+                        flags |= os.O_DIRECT
+                    fd = os.open(path, flags)
+                    if direct and _HAVE_NOCACHE:
+                        import fcntl
+
+                        fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+                    self._fds[key] = fd
+        return fd
+
+    def _read(self, slot: int, p: _Piece) -> None:
+        direct = p.direct and (_HAVE_O_DIRECT or _HAVE_NOCACHE) and p.path not in self._no_direct
+        if direct:
+            try:
+                if self._pread(slot, p, True):
+                    return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._no_direct.add(p.path)  # this filesystem refuses O_DIRECT: go buffered
+        self._pread(slot, p, False)
+
+    def _pread(self, slot: int, p: _Piece, direct: bool) -> bool:
+        """Read a piece; False when an O_DIRECT read came back short of a block boundary."""
+        fd = self._fd(p.path, direct)
+        length = p.length if direct else p.need
+        mv = self.pool.buffer(slot)[p.dest : p.dest + length]
+        got = 0
+        while got < length:
+            n = os.preadv(fd, [mv[got:]], p.offset + got)
+            if n == 0:
+                break
+            got += n
+            if direct and got % DIRECT_ALIGN:
+                break  # end of file inside a block: no further aligned read is possible
+        if got < p.need:
+            if direct and got % DIRECT_ALIGN:
+                return False
+            raise EOFError(
+                f"short read: {p.path} at offset {p.offset + got}: end of file after "
+                f"{got} of {p.need} bytes"
+            )
+        return True
+
+    # -- replies -------------------------------------------------------------------------------
+
+    def _finish(self, job: _Job) -> None:
+        err = job.error
+        req = job.req
+        if err is None and req.checksum is not None:
+            crc = zlib.crc32(self.pool.buffer(req.slot)[: job.record_end])
+            if crc != req.checksum:
+                files = sorted({e[0] for e in req.extents})
+                err = (
+                    f"checksum mismatch: record of {job.record_end} bytes from {', '.join(files)} "
+                    f"has crc32 {crc:08x}, the store says {req.checksum:08x}"
+                )
+        self._reply(job, err)
+
+    def _reply(self, job: _Job, err: str | None) -> None:
+        req = job.req
+        if err is None:
+            us = int((time.perf_counter() - job.t0) * 1e6)
+            msg = LoadDone(req.req, req.generation, req.slot, job.record_end, us)
+        else:
+            msg = LoadFailed(req.req, req.generation, req.slot, err)
+        self._local.send(encode(msg))
+
+
+def serve(args: argparse.Namespace) -> int:
+    pool = ExpertPool.attach(args.pool, args.slots, args.slot_bytes)
+    loader = Loader(pool, args.threads, args.endpoint, args.worker_id, args.chunk_bytes)
+    sock = dealer(args.endpoint, identity=str(args.worker_id).encode())
+    loader._local.send = sock.send_multipart  # replies for requests refused up front
+    sock.send_multipart(encode(Hello(args.worker_id, os.getpid(), __version__)))
+    parent = os.getppid()
+    running = True
+    try:
+        while running:
+            if sock.poll(200, zmq.POLLIN):
+                while running:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        msg = decode(frames, WORKER_ACCEPTS)
+                    except ProtocolError as e:  # the coordinator is trusted: log, keep serving
+                        print(f"loader {args.worker_id}: dropped message: {e}", file=sys.stderr)
+                        continue
+                    if isinstance(msg, Shutdown):
+                        running = False
+                    else:
+                        loader.submit(msg)
+            if os.getppid() != parent:
+                break  # orphaned: the coordinator died without a Shutdown
+    finally:
+        loader.close()
+        sock.close(0)
+        pool.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="flashmoe.workers.loader", description=__doc__)
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--pool", required=True)
+    ap.add_argument("--slots", type=int, required=True)
+    ap.add_argument("--slot-bytes", type=int, required=True)
+    ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--worker-id", type=int, required=True)
+    ap.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK)
+    args = ap.parse_args(argv)
+    # Ctrl-C reaches the whole process group; the coordinator decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
