@@ -416,12 +416,13 @@ _HF_NAMES: dict[str, Callable[[list, dict], list[_Tensor]]] = {
 
 
 def _lazy_model(config: dict):
+    """mlx-lm's model for ``config``; like mlx-lm, its args may rewrite parts of ``config``."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map_with_path
     from mlx_lm.utils import _get_classes
 
     model_class, args_class = _get_classes(config=config)
-    model = model_class(args_class.from_dict(copy.deepcopy(config)))
+    model = model_class(args_class.from_dict(config))
     # as convert does after loading a bf16 checkpoint: float params in bf16, except where the
     # model asks to keep them (A_log, e_score_correction_bias stay float32 as published)
     keep = getattr(model, "cast_predicate", lambda _: True)
@@ -445,18 +446,21 @@ def _param_list(model, tree_flatten) -> list[tuple[str, tuple, str]]:
     return out
 
 
-def _plan_hf(arch: str, config: dict) -> tuple[list[_Tensor], dict]:
-    model, tree_flatten = _lazy_model(config)
+def _plan_hf(arch: str, config: dict) -> tuple[list[_Tensor], dict, dict]:
+    model, tree_flatten = _lazy_model(copy.deepcopy(config))
     cfg = config.get("text_config", config)
-    return _HF_NAMES[arch](_param_list(model, tree_flatten), cfg), config
+    return _HF_NAMES[arch](_param_list(model, tree_flatten), cfg), config, {}
 
 
-def _plan_mlx(config: dict, bits: int, group_size: int) -> tuple[list[_Tensor], dict]:
-    from mlx_lm.utils import quantize_model
+def _plan_mlx(config: dict, bits: int, group_size: int) -> tuple[list[_Tensor], dict, dict]:
+    from mlx_lm.utils import get_total_parameters, quantize_model
 
+    # convert builds the model from the very dict it saves (mlx-lm's args rewrite some fields,
+    # e.g. qwen3_5's rope_type -> type), after load_config merged generation_config's eos ids
+    config = copy.deepcopy(config)
     model, tree_flatten = _lazy_model(config)
     with contextlib.redirect_stdout(io.StringIO()):  # quantize_model prints a bits/weight line
-        model, qconfig = quantize_model(model, copy.deepcopy(config), group_size, bits)
+        model, qconfig = quantize_model(model, config, group_size, bits)
     modules = dict(model.named_modules())
     tensors = []
     for name, shape, dtype in _param_list(model, tree_flatten):
@@ -474,7 +478,8 @@ def _plan_mlx(config: dict, bits: int, group_size: int) -> tuple[list[_Tensor], 
         tensors.append(_Tensor(name, dtype, shape, fill, std, qbits, key=key))
     qconfig.pop("_name_or_path", None)
     qconfig.pop("vision_config", None)
-    return tensors, dict(sorted(qconfig.items()))
+    meta = {"total_parameters": get_total_parameters(model)}
+    return tensors, dict(sorted(qconfig.items())), meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,6 +665,10 @@ def _tokenizer_config(vocab: int) -> dict:
 # Public API
 
 
+def _eos_ids(special: dict) -> list[int]:
+    return [special["<|im_end|>"], special["<|endoftext|>"]]
+
+
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
@@ -713,15 +722,16 @@ def synth(
     special = {s: d.vocab - len(SPECIAL_TOKENS) + j for j, s in enumerate(SPECIAL_TOKENS)}
     config = _CONFIGS[arch](d, special)
     if layout == "hf":
-        tensors, config = _plan_hf(arch, config)
+        tensors, config, meta = _plan_hf(arch, config)
     else:
-        tensors, config = _plan_mlx(config, bits, group_size)
+        config["eos_token_id"] = _eos_ids(special)
+        tensors, config, meta = _plan_mlx(config, bits, group_size)
 
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted run of ours
     tmp.mkdir(parents=True)
     try:
-        _write_all(tmp, tensors, config, special, d.vocab, layout, seed, shard_size, progress)
+        _write_all(tmp, tensors, config, meta, special, d.vocab, layout, seed, shard_size, progress)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
         tmp.rename(out)
@@ -735,6 +745,7 @@ def _write_all(
     tmp: Path,
     tensors: list[_Tensor],
     config: dict,
+    meta: dict,
     special: dict,
     vocab: int,
     layout: str,
@@ -755,9 +766,12 @@ def _write_all(
             weight_map.update({t.name: name for t in shard})
     (tmp / "tokenizer.json").write_text(_tokenizer_json(vocab))
     _write_json(tmp / "tokenizer_config.json", _tokenizer_config(vocab))
-    eos = [special["<|im_end|>"], special["<|endoftext|>"]]
-    _write_json(tmp / "generation_config.json", {"bos_token_id": eos[1], "eos_token_id": eos})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    generation = {"bos_token_id": special["<|endoftext|>"], "eos_token_id": _eos_ids(special)}
+    _write_json(tmp / "generation_config.json", generation)
+    index = {
+        "metadata": {"total_size": total, **meta},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     _write_json(tmp / "model.safetensors.index.json", index)
     _write_json(tmp / "config.json", config)  # last: a config marks a complete checkpoint
 
