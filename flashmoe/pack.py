@@ -19,6 +19,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -220,26 +221,41 @@ def _pack_into(store: Store, dst: Path, bits: int | None, group_size: int, progr
     stride = _roundup(layout.nbytes, RECORD_ALIGN)
     E = store.num_experts
     src_buf = memoryview(bytearray(store.layout.nbytes))
-    out_buf = memoryview(bytearray(stride))  # zero tail and tensor gaps: stay zero between records
-    files, checksums = {}, {}
-    total = len(store.moe_layers) * E
-    with tqdm(total=total, unit="expert", disable=not progress, desc="pack") as bar:
-        for layer in store.moe_layers:
-            rel = f"experts/layer-{layer:03d}.bin"
-            crcs = []
-            with open(dst / rel, "wb") as f:
-                for e in range(E):
-                    if convert is None:
-                        store.read_into(layer, e, out_buf)
-                    else:
-                        store.read_into(layer, e, src_buf)
-                        convert(src_buf, out_buf)
-                    crcs.append(zlib.crc32(out_buf[: layout.nbytes]))
-                    f.write(out_buf)
-                    bar.update(1)
-                os.fsync(f.fileno())
-            files[str(layer)] = rel
-            checksums[str(layer)] = crcs
+    # two output buffers: one is read (and converted) while the other is written; their gaps
+    # and tails are never written, so they stay zero
+    bufs = [memoryview(bytearray(stride)) for _ in range(2)]
+
+    def produce(layer: int, e: int, out: memoryview) -> memoryview:
+        if convert is None:
+            store.read_into(layer, e, out)
+        else:
+            store.read_into(layer, e, src_buf)
+            convert(src_buf, out)
+        return out
+
+    jobs = [(layer, e) for layer in store.moe_layers for e in range(E)]
+    files = {str(layer): f"experts/layer-{layer:03d}.bin" for layer in store.moe_layers}
+    checksums: dict[str, list[int]] = {str(layer): [] for layer in store.moe_layers}
+    bar = tqdm(total=len(jobs) * stride, unit="B", unit_scale=True, disable=not progress)
+    f = None
+    try:
+        with bar, ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(produce, *jobs[0], bufs[0])
+            for i, (layer, e) in enumerate(jobs):
+                buf = pending.result()
+                if i + 1 < len(jobs):
+                    pending = pool.submit(produce, *jobs[i + 1], bufs[(i + 1) % 2])
+                if e == 0:
+                    f = open(dst / files[str(layer)], "wb")  # noqa: SIM115
+                checksums[str(layer)].append(zlib.crc32(buf[: layout.nbytes]))
+                f.write(buf)
+                if e == E - 1:
+                    os.fsync(f.fileno())
+                    f.close()
+                bar.update(stride)
+    finally:
+        if f is not None:
+            f.close()
     manifest = {
         "format": PACKED_FORMAT,
         "version": PACKED_VERSION,

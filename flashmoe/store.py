@@ -439,7 +439,8 @@ class Store:
         specs: dict[int, dict[str, tuple[str, tuple[int, ...]]]] = {}
         found_mlx = any(_RE_MLX.match(k) for k in tensors)
         self.kind = "mlx" if found_mlx else "hf"
-        self.quantization = self._mlx_quantization() if found_mlx else None
+        self._global_quant = self._mlx_quantization() if found_mlx else None
+        self._expert_quant: list[dict | None] = []  # the experts' own, once one bank is seen
         hf_experts: dict[tuple[int, str], dict[int, TensorInfo]] = {}
         E, H, I = self.num_experts, self._hidden, self._inter  # noqa: E741
         for name, info in tensors.items():
@@ -518,6 +519,7 @@ class Store:
                         f"{list(want)} (hidden_size, moe_intermediate_size)"
                     )
             per_layer.setdefault(layer, {})[rec] = [by_expert[e] for e in range(E)]
+        self.quantization = self._expert_quant[0] if self._expert_quant else None
         self._build_tables(per_layer)
 
     def _mlx_quantization(self) -> dict | None:
@@ -539,15 +541,17 @@ class Store:
                     "mode": q[module].get("mode", "affine")}  # fmt: skip
         if q.get(module) is False:
             return None
-        return self.quantization
+        return self._global_quant
 
     def _check_mlx_shape(self, name: str, info: TensorInfo, proj: str, kind: str) -> None:
         E, H, I = self.num_experts, self._hidden, self._inter  # noqa: E741
         out_dim, in_dim = (H, I) if proj in ("down_proj", "fc2") else (I, H)
         q = self._bank_quant(name)
-        if q != self.quantization:
+        if not self._expert_quant:
+            self._expert_quant.append(q)
+        elif q != self._expert_quant[0]:
             raise CheckpointError(
-                f"{name}: quantization {q} differs from the model's {self.quantization}; "
+                f"{name}: quantization {q} differs from other experts' {self._expert_quant[0]}; "
                 "mixed expert quantization is not supported"
             )
         if kind == "bias":

@@ -22,6 +22,7 @@ from flashmoe.synth import synth
 ARCHS = ["qwen3_moe", "qwen3_5_moe", "deepseek_v3", "mixtral"]
 KINDS = ["hf", "mlx", "hf-packed", "mlx-packed"]
 EXPERTS = 8
+PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +245,17 @@ def test_incomplete_packed_store_is_refused(models, tmp_path, capsys):
     layer_file = next((p / "experts").iterdir())
     os.truncate(layer_file, layer_file.stat().st_size - RECORD_ALIGN)
     _expect_error(p, f"{layer_file.name} is truncated", capsys)
+
+
+def test_per_module_quantization_overrides(models, tmp_path, capsys):
+    p = _copy(models, tmp_path, "mixtral", "mlx")
+    cfg = json.loads((p / "config.json").read_text())
+    banks = [f"model.layers.{i}.block_sparse_moe.switch_mlp" for i in range(3)]
+    q4 = {"group_size": 64, "bits": 4}
+    cfg["quantization"] = {"group_size": 32, "bits": 8}
+    cfg["quantization"].update({f"{b}.{n}": q4 for b in banks for n in PROJS})
+    (p / "config.json").write_text(json.dumps(cfg))
+    assert open_store(p).quantization == {**q4, "mode": "affine"}
+    del cfg["quantization"][f"{banks[2]}.down_proj"]
+    (p / "config.json").write_text(json.dumps(cfg))
+    _expect_error(p, "mixed expert quantization is not supported", capsys)
