@@ -186,8 +186,8 @@ class LoaderPool:
     def close(self, timeout_s: float = 5.0) -> None:
         """Ask every worker to stop, wait, kill stragglers; remove the socket."""
         for w in self._workers:
-            if w.proc.poll() is None:
-                self._send(w, encode(Shutdown()))
+            if w.proc.poll() is None and not (w.ready and self._send(w, encode(Shutdown()))):
+                w.proc.kill()  # not connected yet: nothing to drain, it is stateless
         deadline = time.monotonic() + timeout_s
         for w in self._workers:
             try:

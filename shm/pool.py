@@ -15,8 +15,9 @@ Byte layout of the segment (all integers little-endian)::
         ...          zero
     offset HEADER_BYTES + i * slot_bytes   slot i, slot_bytes long (a multiple of 16 KiB)
 
-The mapping base is page-aligned (mmap), so every slot starts on a 16 KiB boundary: O_DIRECT
-reads land straight in a slot, and Metal can wrap a slot without a copy.
+The mapping base is page-aligned (mmap) and slots are 16 KiB multiples, so every slot starts on a
+page boundary (16 KiB on Apple Silicon, 4 KiB on x86 Linux): O_DIRECT reads land straight in a
+slot, and Metal can wrap a slot without a copy.
 
 Name: ``flashmoe-<uid>-<creator pid>-<6 hex>`` (``/``-prefixed for shm_open; short enough for
 macOS's 31-character limit). Only the creator unlinks. ``cleanup_stale()`` unlinks segments of

@@ -1,0 +1,230 @@
+"""Loader worker processes: right bytes for every store kind, clear failures, supervision."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from flashmoe.orchestrator.loaders import LoaderPool
+from flashmoe.shm.pool import ExpertPool
+
+from flashmoe.errors import LoadError
+from flashmoe.store import open_store
+
+
+def wait_all(lp: LoaderPool, reqs, timeout_s: float = 30.0) -> dict:
+    """req id -> Completion, for every request in ``reqs``; never waits past ``timeout_s``."""
+    want = set(reqs)
+    got = {}
+    deadline = time.monotonic() + timeout_s
+    while want - got.keys():
+        assert time.monotonic() < deadline, f"timed out: {len(want - got.keys())} left"
+        for c in lp.poll(0.5):
+            got[c.req] = c
+    return got
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    from flashmoe.pack import pack
+    from flashmoe.synth import synth
+
+    d = tmp_path_factory.mktemp("stores")
+    hf = synth(d / "hf", "qwen3_moe", layout="hf", experts=8, layers=2)
+    mlx = synth(d / "mlx", "qwen3_moe", layout="mlx", experts=8, layers=2)
+    return {
+        "hf": hf,
+        "mlx": mlx,
+        "packed": pack(hf, d / "packed", progress=False),
+        "packed-mlx": pack(mlx, d / "packed-mlx", progress=False),
+    }
+
+
+@pytest.fixture(scope="module")
+def loader():
+    with ExpertPool.create(16, 256 << 10) as pool:
+        lp = LoaderPool(pool, workers=2, threads=3, start_timeout_s=30, load_timeout_s=30)
+        try:
+            yield lp
+        finally:
+            lp.close()
+
+
+def assert_record(pool: ExpertPool, slot: int, store, layer: int, expert: int) -> None:
+    want = store.read_record(layer, expert)
+    got = pool.slot(slot)
+    for t in store.layout.tensors:  # gaps between tensors are not part of the record
+        a, b = t.offset, t.offset + t.nbytes
+        assert bytes(got[a:b]) == want[a:b], (store.kind, layer, expert, t.name)
+
+
+@pytest.mark.parametrize("kind", ["hf", "mlx", "packed", "packed-mlx"])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_fills_slots_with_the_right_bytes(stores, loader, kind, direct):
+    store = open_store(stores[kind])
+    pool = loader.pool
+    assert store.layout.nbytes <= pool.slot_bytes
+    keys = [(layer, e) for layer in store.moe_layers for e in range(store.num_experts)]
+    for batch in range(0, len(keys), pool.nslots):
+        todo = keys[batch : batch + pool.nslots]
+        pool.slot(0)  # slots hold the previous batch: a missing write would show
+        reqs = {
+            loader.submit(i, store.extents(*k), store.checksum(*k), direct): (i, k)
+            for i, k in enumerate(todo)
+        }
+        done = wait_all(loader, reqs)
+        for rid, (slot, (layer, e)) in reqs.items():
+            c = done[rid]
+            assert c.ok, c.error
+            assert c.slot == slot and c.nbytes == store.layout.nbytes and c.us > 0
+            assert_record(pool, slot, store, layer, e)
+    assert loader.inflight() == 0
+    store.close()
+
+
+def test_checksum_mismatch_names_the_file(stores, loader):
+    store = open_store(stores["packed"])
+    ext = store.extents(store.moe_layers[0], 3)
+    bad = store.checksum(store.moe_layers[0], 3) ^ 1
+    c = wait_all(loader, [loader.submit(0, ext, bad)])
+    (c,) = c.values()
+    assert not c.ok and "checksum mismatch" in c.error and ext[0].path in c.error
+
+
+def test_truncated_and_missing_files_fail_clearly(tmp_path, loader):
+    f = tmp_path / "short.bin"
+    f.write_bytes(os.urandom(10000))
+    r1 = loader.submit(0, [[str(f), 8192, 4096, 0]])
+    r2 = loader.submit(1, [[str(f), 0, 4096, 0], [str(tmp_path / "gone.bin"), 0, 10, 8192]])
+    r3 = loader.submit(2, [[str(f), 0, 100, 0]], checksum=None, direct=True)
+    r4 = loader.submit(3, [[str(f), 0, 100, loader.pool.slot_bytes]])
+    done = wait_all(loader, [r1, r2, r3, r4])
+    assert not done[r1].ok and "short read" in done[r1].error
+    assert str(f) in done[r1].error and "offset 10000" in done[r1].error
+    assert not done[r2].ok and "gone.bin" in done[r2].error
+    assert done[r3].ok and bytes(loader.pool.slot(2)[:100]) == f.read_bytes()[:100]
+    assert not done[r4].ok and "overruns" in done[r4].error
+
+
+@pytest.fixture
+def big_file(tmp_path) -> Path:
+    f = tmp_path / "big.bin"
+    f.write_bytes(os.urandom(32 << 20))
+    return f
+
+
+def test_sigkilled_worker_is_replaced_and_every_request_completes(big_file):
+    data = big_file.read_bytes()
+    n, size = 48, 256 << 10
+    with ExpertPool.create(n, size) as pool, LoaderPool(pool, workers=2, threads=2) as lp:
+        victim = lp.workers_info()[0]["pid"]
+        reqs = {}
+        for i in range(n):
+            off = (i * 7919 % 127) * size
+            reqs[
+                lp.submit(i, [[str(big_file), off, size, 0]], zlib.crc32(data[off : off + size]))
+            ] = (
+                i,
+                off,
+            )
+        os.kill(victim, signal.SIGKILL)
+        done = wait_all(lp, reqs)
+        assert all(c.ok for c in done.values()), [c.error for c in done.values() if not c.ok]
+        for slot, off in reqs.values():
+            assert bytes(pool.slot(slot)[:size]) == data[off : off + size]
+        assert lp.restarts == 1
+        assert victim not in [w["pid"] for w in lp.workers_info()]
+        # the replacement has said hello by now (it was needed, or we wait for it)
+        deadline = time.monotonic() + 30
+        while lp.last_restart_s is None and time.monotonic() < deadline:
+            lp.poll(0.1)
+        print(f"\nworker replaced in {lp.last_restart_s * 1000:.0f} ms")
+        assert all(w["state"] == "ready" for w in lp.workers_info())
+
+
+def test_hung_worker_is_killed_after_load_timeout(big_file):
+    with ExpertPool.create(4, 64 << 10) as pool:
+        with LoaderPool(pool, workers=1, threads=1, load_timeout_s=1.0) as lp:
+            pid = lp.workers_info()[0]["pid"]
+            os.kill(pid, signal.SIGSTOP)  # alive but never answers
+            try:
+                rid = lp.submit(0, [[str(big_file), 0, 4096, 0]])
+                done = wait_all(lp, [rid], timeout_s=30)
+            finally:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            assert done[rid].ok and lp.restarts == 1
+
+
+def test_start_timeout_names_the_setting():
+    with ExpertPool.create(1, 16384) as pool:
+        with pytest.raises(LoadError, match="worker_start_timeout_s"):
+            LoaderPool(pool, workers=1, threads=1, start_timeout_s=0.001)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); its state says otherwise
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_exit_when_the_coordinator_dies():
+    code = (
+        "import os\n"
+        "from flashmoe.shm.pool import ExpertPool\n"
+        "from flashmoe.orchestrator.loaders import LoaderPool\n"
+        "pool = ExpertPool.create(2, 16384)\n"
+        "lp = LoaderPool(pool, workers=2, threads=1)\n"
+        "print(pool.name, *[w['pid'] for w in lp.workers_info()], flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    name, *pids = out.stdout.split()
+    deadline = time.monotonic() + 10
+    while any(_alive(int(p)) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(int(p)) for p in pids)
+    from flashmoe.shm.pool import cleanup_stale
+
+    assert name in cleanup_stale()
+
+
+def test_close_leaves_no_socket_and_no_processes():
+    with ExpertPool.create(1, 16384) as pool:
+        lp = LoaderPool(pool, workers=2, threads=1)
+        pids = [w["pid"] for w in lp.workers_info()]
+        path = Path(lp.endpoint[len("ipc://") :])
+        assert path.exists()
+        lp.close()
+        assert not path.exists()
+        assert not any(_alive(p) for p in pids)
+
+
+def test_round_trip_overhead(tmp_path, loader):
+    f = tmp_path / "tiny.bin"
+    f.write_bytes(b"x" * 64)
+    lat = []
+    for _ in range(300):
+        t = time.perf_counter()
+        rid = loader.submit(0, [[str(f), 0, 64, 0]])
+        while not loader.poll(5.0):
+            pass
+        lat.append(time.perf_counter() - t)
+        assert rid
+    lat.sort()
+    print(
+        f"\nsubmit->completion for 64 B: p50 {lat[150] * 1e6:.0f} us, p99 {lat[297] * 1e6:.0f} us"
+    )
+    assert lat[150] < 0.05
