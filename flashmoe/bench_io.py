@@ -1,0 +1,194 @@
+"""``flashmoe bench io``: loader workers + shared-memory pool against the disk.
+
+Draws expert records at random over (MoE layer, expert) of a store, or replays a routing trace
+(JSON lines ``{"layer": L, "experts": [...]}``), keeps ``QUEUE_PER_THREAD`` requests per I/O
+thread in flight so the workers never starve, and reports throughput (GB/s, 10**9 bytes) and
+per-record latency (submit -> completion as the coordinator sees it, queueing included).
+``--sweep`` repeats this over workers x threads and can draw the curves (``--plot``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from flashmoe.errors import FlashMoeError
+from flashmoe.orchestrator.loaders import LoaderPool
+from flashmoe.shm.pool import ExpertPool, cleanup_stale
+from flashmoe.store import open_store
+
+QUEUE_PER_THREAD = 2
+SWEEP = [(1, 1), (1, 2), (2, 1), (1, 4), (2, 2), (1, 8), (2, 4), (1, 16), (2, 8), (4, 4)]
+
+
+def drop_page_cache() -> bool:
+    """Write back and drop the page cache (Linux, root); False where that is not possible."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _keys(store: Any, trace: str | None, seed: int = 0) -> Iterator[tuple[int, int]]:
+    if trace:
+        seq = []
+        for n, line in enumerate(Path(trace).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    seq += [(int(rec["layer"]), int(e)) for e in rec["experts"]]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise FlashMoeError(f"{trace}:{n}: not a routing record ({e})") from None
+        if not seq:
+            raise FlashMoeError(f"{trace}: no routing records")
+        while True:
+            yield from seq
+    rng = random.Random(seed)
+    layers = list(store.moe_layers)
+    while True:
+        yield rng.choice(layers), rng.randrange(store.num_experts)
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return 0.0
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def measure(
+    store: Any,
+    workers: int,
+    threads: int,
+    direct: bool,
+    seconds: float,
+    keys: Iterator[tuple[int, int]],
+    cold: bool = False,
+    chunk_bytes: int | None = None,
+) -> dict:
+    """One point: GB/s and latency for ``workers`` x ``threads`` over ``seconds``."""
+    depth = QUEUE_PER_THREAD * workers * threads
+    dropped = drop_page_cache() if cold else False
+    with ExpertPool.create(depth, store.layout.nbytes) as pool:
+        lp = LoaderPool(
+            pool,
+            workers=workers,
+            threads=threads,
+            io_mode="direct" if direct else "buffered",
+            chunk_bytes=chunk_bytes,
+        )
+        try:
+            sent: dict[int, float] = {}
+            lat: list[float] = []
+            nbytes = loads = 0
+            failures: list[str] = []
+
+            def submit(slot: int) -> None:
+                layer, e = next(keys)
+                rid = lp.submit(slot, store.extents(layer, e), store.checksum(layer, e))
+                sent[rid] = time.perf_counter()
+
+            t0 = time.perf_counter()
+            end = t0 + seconds
+            for slot in range(depth):
+                submit(slot)
+            while sent:
+                for c in lp.poll(1.0):
+                    now = time.perf_counter()
+                    lat.append(now - sent.pop(c.req))
+                    if c.ok:
+                        nbytes += c.nbytes
+                        loads += 1
+                    elif len(failures) < 5:
+                        failures.append(c.error or "?")
+                    if now < end:
+                        submit(c.slot)
+            elapsed = time.perf_counter() - t0
+        finally:
+            lp.close()
+    if failures:
+        raise FlashMoeError(f"{len(failures)}+ loads failed, first: {failures[0]}")
+    return dict(
+        workers=workers,
+        threads=threads,
+        direct=direct,
+        gb_per_s=nbytes / elapsed / 1e9,
+        p50_ms=_percentile(lat, 0.5) * 1e3,
+        p99_ms=_percentile(lat, 0.99) * 1e3,
+        loads=loads,
+        bytes=nbytes,
+        seconds=elapsed,
+        record_bytes=store.layout.nbytes,
+        queue_depth=depth,
+        cache_dropped=dropped,
+    )
+
+
+def _plot(points: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for w in sorted({p["workers"] for p in points}):
+        pts = sorted(
+            (p["workers"] * p["threads"], p["gb_per_s"]) for p in points if p["workers"] == w
+        )
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{w} worker(s)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("total I/O threads (workers x threads)")
+    ax.set_ylabel("GB/s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_io_bench(args: Any) -> int:
+    """Entry point of ``flashmoe bench io``; returns the exit code."""
+    store = open_store(args.model)
+    cleanup_stale()
+    direct = not args.buffered
+    if args.cold and not direct:
+        if not drop_page_cache():
+            print(
+                "bench io: cannot drop the page cache (not root): using O_DIRECT", file=sys.stderr
+            )
+            direct = True
+    configs = SWEEP if args.sweep else [(args.workers, args.threads)]
+    keys = _keys(store, args.trace)
+    points = []
+    for w, t in configs:
+        p = measure(store, w, t, direct, args.seconds, keys, cold=args.cold)
+        points.append(p)
+        if not args.json:
+            print(
+                f"workers {w:2d} threads {t:2d} {'direct' if direct else 'buffered':8s} "
+                f"{p['gb_per_s']:6.3f} GB/s  p50 {p['p50_ms']:7.2f} ms  p99 {p['p99_ms']:7.2f} ms"
+                f"  ({p['loads']} loads of {p['record_bytes']} B)",
+                flush=True,
+            )
+    best = max(points, key=lambda p: p["gb_per_s"])
+    if args.plot:
+        _plot(
+            points, args.plot, f"{store.path.name}: {store.kind}, {best['record_bytes']} B records"
+        )
+    if args.json:
+        out = dict(best, model=str(store.path), kind=store.kind)
+        if args.sweep:
+            out["points"] = points
+        print(json.dumps(out))
+    store.close()
+    return 0
