@@ -1,0 +1,428 @@
+"""flashmoe-daemon as a process: a real daemon on a tiny model, compared with ``Engine.generate``.
+
+The helpers here (``tiny_model``, ``reference``, ``Daemon``) are imported by test_client.py and
+test_http.py. Every wait has a timeout; a daemon that does not come up fails the test, it never
+hangs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from flashmoe.protocol import sockets
+from flashmoe.protocol.client import (
+    Client,
+    DaemonNotRunning,
+    RequestRejected,
+    daemon_paths,
+    pid_alive,
+)
+from flashmoe.protocol.messages import (
+    CLIENT_ACCEPTS,
+    Error,
+    Generate,
+    StatusReply,
+    StatusRequest,
+    Token,
+    decode,
+    encode,
+)
+
+BUDGET = "8MiB"
+PROMPTS = [f"Request {i}: the quick brown fox jumps over" for i in range(8)]
+CHAT = [{"role": "user", "content": "Tell me about foxes."}]
+MAX_TOKENS = 12
+SAMPLED = {"temperature": 0.8, "top_p": 0.9, "seed": 7}
+DAEMON = [sys.executable, "-m", "flashmoe.orchestrator.daemon"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from flashmoe.synth import synth
+
+    return synth(tmp_path_factory.mktemp("model") / "tiny", "qwen3_moe", layout="mlx", bits=4)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model: Path) -> dict:
+    """Token ids and text of ``Engine.generate`` (as `flashmoe run` prints) with equal settings."""
+    from flashmoe.orchestrator.engine import Engine, GenRequest
+
+    def run(engine: Engine, **kw) -> tuple[list[int], str]:
+        chunks = list(engine.generate(GenRequest(id="ref", max_tokens=MAX_TOKENS, **kw)))
+        return [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks)
+
+    with Engine(str(tiny_model), memory_budget=BUDGET, workers=1) as engine:
+        out = {p: run(engine, prompt=p) for p in PROMPTS}
+        out["chat"] = run(engine, messages=CHAT)
+        out["sampled"] = run(engine, prompt=PROMPTS[0], **SAMPLED)
+        out["name"] = engine.model_name
+    return out
+
+
+def short_dir() -> Path:
+    # Unix socket paths are limited to ~100 bytes; pytest's tmp_path can be longer.
+    return Path(tempfile.mkdtemp(prefix="fm", dir="/tmp" if os.path.isdir("/tmp") else None))
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Daemon:
+    """A ``start --foreground`` daemon subprocess on a private socket."""
+
+    def __init__(self, model: Path, *extra: str, sock: Path | None = None):
+        self.dir = short_dir()
+        self.socket = sock or self.dir / "d.sock"
+        self.paths = daemon_paths(self.socket)
+        self.stderr = open(self.dir / "stderr", "wb")
+        cmd = [
+            *DAEMON,
+            "start",
+            "--foreground",
+            "--model",
+            str(model),
+            "--socket",
+            str(self.socket),
+            "--memory-budget",
+            BUDGET,
+            "--workers",
+            "1",
+            *extra,
+        ]
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr
+        )
+        self.ready_s = None
+
+    def log(self) -> str:
+        return (self.dir / "stderr").read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(DaemonNotRunning, Exception):
+                with Client(self.socket, timeout=1.0) as c:
+                    st = c.status()
+                self.ready_s = time.monotonic() - self.t0
+                return st
+            time.sleep(0.05)
+        self.kill()
+        raise AssertionError(f"daemon not ready in {timeout} s:\n{self.log()}")
+
+    def client(self, timeout: float = 30.0) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception), self.client(timeout=5.0) as c:
+                c.shutdown()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        self.stop()
+        self.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model: Path):
+    d = Daemon(tiny_model)
+    d.wait_ready()
+    yield d
+    d.close()
+
+
+def shm_segments(pid: int) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"flashmoe-{os.getuid()}-{pid}-")]
+
+
+# -- serving ------------------------------------------------------------------------------------
+
+
+def test_generate_equals_engine(daemon: Daemon, reference: dict) -> None:
+    ids, text = reference[PROMPTS[0]]
+    with daemon.client() as c:
+        r = c.generate(PROMPTS[0], max_tokens=MAX_TOKENS)
+        assert (r.token_ids, r.text) == (ids, text)
+        assert r.finish_reason in ("length", "stop")
+        assert r.stats["generation_tokens"] == len(ids) and r.stats["prompt_tokens"] > 0
+        stream = c.generate(PROMPTS[0], max_tokens=MAX_TOKENS, stream=True)
+        chunks = list(stream)
+        assert [t for ch in chunks for t in ch.token_ids] == ids
+        assert "".join(ch.text for ch in chunks) == text
+        assert stream.result.token_ids == ids
+        r = c.generate(PROMPTS[0], max_tokens=MAX_TOKENS, **SAMPLED)
+        assert r.token_ids == reference["sampled"][0]
+
+
+def test_chat_equals_engine(daemon: Daemon, reference: dict) -> None:
+    with daemon.client() as c:
+        r = c.chat(CHAT, max_tokens=MAX_TOKENS)
+        assert (r.token_ids, r.text) == reference["chat"]
+        chunks = list(c.chat(CHAT, max_tokens=MAX_TOKENS, stream=True))
+        assert [t for ch in chunks for t in ch.token_ids] == reference["chat"][0]
+
+
+def test_status(daemon: Daemon, reference: dict) -> None:
+    with daemon.client() as c:
+        st = c.status()
+    assert st["pid"] == daemon.proc.pid
+    assert st["model"] == reference["name"]
+    assert st["workers"] and all(isinstance(w["pid"], int) and w["state"] for w in st["workers"])
+    for key in ("uptime_s", "requests_served", "tokens_generated", "expert_hit_rate", "pool_bytes"):
+        assert key in st
+    out = subprocess.run(
+        [*DAEMON, "status", "--socket", str(daemon.socket)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0 and f"pid {daemon.proc.pid}" in out.stdout
+
+
+def test_eight_concurrent_clients(daemon: Daemon, reference: dict) -> None:
+    results: dict[int, object] = {}
+
+    def one(i: int) -> None:
+        try:
+            with daemon.client() as c:
+                if i % 2:
+                    results[i] = c.generate(PROMPTS[i], max_tokens=MAX_TOKENS).token_ids
+                else:
+                    stream = c.generate(PROMPTS[i], max_tokens=MAX_TOKENS, stream=True)
+                    results[i] = [t for ch in stream for t in ch.token_ids]
+        except Exception as e:  # reported below, in the test's thread
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert results == {i: reference[PROMPTS[i]][0] for i in range(8)}
+
+
+def test_bad_messages_get_errors_and_the_loop_survives(daemon: Daemon) -> None:
+    huge = Generate(id="x", prompt="hi", max_tokens=10**6)
+    bad_version = encode(Generate(id="v", prompt="hi"))
+    bad_version[1] = bad_version[1].replace(b"\xa1v\x01", b"\xa1v\x63")
+    cases = {
+        "bad_frames": [b"\x10"],
+        "unknown_type": [b"\xff", b"\x80"],
+        "unexpected_type": encode(Token(id="t", text="", ids=[])),
+        "bad_payload": [bytes([Generate.TAG]), b"\xc1"],
+        "bad_version": bad_version,
+        "too_large": [bytes([Generate.TAG]), b"\x00" * (4 * 1024 * 1024 + 1)],
+        "invalid_request": encode(huge),
+    }
+    sock = sockets.dealer(daemon.paths.endpoint)
+    try:
+        for code, frames in cases.items():
+            sock.send_multipart(frames)
+            reply = decode(sockets.recv_with_timeout(sock, 10), CLIENT_ACCEPTS)
+            assert type(reply) is Error and reply.code == code, (code, reply)
+        sock.send_multipart(encode(StatusRequest()))
+        assert type(decode(sockets.recv_with_timeout(sock, 10), CLIENT_ACCEPTS)) is StatusReply
+    finally:
+        sock.close(linger=0)
+    with daemon.client() as c:
+        with pytest.raises(RequestRejected, match="top_p"):
+            c.generate("hi", top_p=0.0)
+        with pytest.raises(RequestRejected, match="max_tokens"):
+            c.generate("hi", max_tokens=0)  # caught by the client before sending
+
+
+def _running(daemon: Daemon) -> int:
+    with daemon.client() as c:
+        return c.status()["requests_running"]
+
+
+def test_closed_stream_and_gone_client_are_cancelled(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        stream = c.generate(PROMPTS[0], max_tokens=20000, stream=True)
+        next(stream)
+        stream.close()  # sends Cancel
+        wait_for(lambda: _running(daemon) == 0, 10, "the closed stream to be cancelled")
+        t0 = time.monotonic()
+        stream = c.generate(PROMPTS[1], max_tokens=20000, stream=True)
+        next(stream)
+        del stream  # garbage-collected: cancelled too
+        wait_for(lambda: _running(daemon) == 0, 10, "the dropped stream to be cancelled")
+        assert time.monotonic() - t0 < 10
+    # A raw peer that vanishes without a Cancel: the daemon notices when a token cannot be sent.
+    sock = sockets.dealer(daemon.paths.endpoint)
+    sock.send_multipart(encode(Generate(id="gone", prompt="hi", max_tokens=20000)))
+    assert sockets.recv_with_timeout(sock, 10) is not None
+    sock.close(linger=0)
+    wait_for(lambda: _running(daemon) == 0, 10, "the vanished client's request to be cancelled")
+
+
+# -- lifecycle ------------------------------------------------------------------------------------
+
+
+def test_detached_start_status_logs_stop(tiny_model: Path) -> None:
+    d = short_dir()
+    sock = str(d / "d.sock")
+    try:
+        out = subprocess.run(
+            [
+                *DAEMON,
+                "start",
+                "--model",
+                str(tiny_model),
+                "--socket",
+                sock,
+                "--memory-budget",
+                BUDGET,
+                "--workers",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "ready in" in out.stdout
+        with Client(sock, timeout=10) as c:
+            st = c.status()
+        pid = st["pid"]
+        assert pid != os.getpid() and shm_segments(pid)
+        for mode in ([], ["--foreground"]):  # a second start on the same socket is refused
+            again = subprocess.run(
+                [*DAEMON, "start", *mode, "--model", str(tiny_model), "--socket", sock],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert again.returncode != 0 and "already running" in again.stderr
+            assert f"pid {pid}" in again.stderr
+        logs = subprocess.run(
+            [*DAEMON, "logs", "--socket", sock, "-n", "5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert logs.returncode == 0 and "ready in" in logs.stdout
+        stop = subprocess.run(
+            [*DAEMON, "stop", "--socket", sock], capture_output=True, text=True, timeout=90
+        )
+        assert stop.returncode == 0, stop.stderr
+        assert sorted(os.listdir(d)) == ["d.sock.log"]  # no socket, no pid file
+        assert not shm_segments(pid)
+        wait_for(lambda: not any(pid_alive(w["pid"]) for w in st["workers"]), 10, "workers to exit")
+        with pytest.raises(DaemonNotRunning):
+            Client(sock)
+        out = subprocess.run(
+            [*DAEMON, "stop", "--socket", sock], capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode != 0 and "not running" in out.stderr
+    finally:
+        subprocess.run([*DAEMON, "stop", "--socket", sock], capture_output=True, timeout=90)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_start_failure_prints_the_reason(tmp_path: Path) -> None:
+    d = short_dir()
+    try:
+        out = subprocess.run(
+            [*DAEMON, "start", "--model", str(tmp_path / "missing"), "--socket", str(d / "d.sock")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode != 0
+        assert "failed to start" in out.stderr and "missing" in out.stderr
+        assert not (d / "d.sock").exists() and not (d / "d.sock.pid").exists()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_stale_files_are_removed_and_sigkill_mid_request_raises(tiny_model: Path) -> None:
+    from flashmoe.shm.pool import cleanup_stale
+
+    sock = short_dir() / "d.sock"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(10)
+    sock.with_name("d.sock.pid").write_text(f"{dead.pid}\n")
+    sock.write_bytes(b"")  # the socket file a SIGKILLed daemon leaves behind
+    d = Daemon(tiny_model, sock=sock)
+    try:
+        st = d.wait_ready()
+        assert st["pid"] == d.proc.pid
+        errors: list[Exception] = []
+
+        def blocking() -> None:
+            try:
+                with d.client(timeout=60) as c:
+                    c.generate(PROMPTS[1], max_tokens=20000)
+            except Exception as e:
+                errors.append(e)
+
+        t = threading.Thread(target=blocking)
+        t.start()
+        with d.client(timeout=60) as c:
+            stream = c.generate(PROMPTS[0], max_tokens=20000, stream=True)
+            next(stream)
+            os.kill(d.proc.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(DaemonNotRunning, match="died"):
+                for _ in stream:
+                    pass
+            assert time.monotonic() - t0 < 5
+        t.join(10)
+        assert not t.is_alive() and type(errors[0]) is DaemonNotRunning
+    finally:
+        d.close()
+        cleanup_stale()  # a SIGKILLed creator cannot unlink its segment: the next start does
+
+
+def test_sigterm_drains_and_cleans_up(tiny_model: Path) -> None:
+    d = Daemon(tiny_model)
+    try:
+        d.wait_ready()
+        with d.client() as c:
+            stream = c.generate(PROMPTS[0], max_tokens=MAX_TOKENS, stream=True)
+            next(stream)
+            d.proc.send_signal(signal.SIGTERM)
+            list(stream)  # the running request finishes
+            assert stream.result.finish_reason in ("length", "stop")
+        assert d.proc.wait(30) == 0
+        assert not d.socket.exists() and not d.paths.pid.exists()
+        assert not shm_segments(d.proc.pid)
+    finally:
+        d.close()
+
+
+def test_socket_is_private(daemon: Daemon) -> None:
+    assert (daemon.socket.stat().st_mode & 0o777) == 0o600
