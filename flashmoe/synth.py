@@ -35,7 +35,7 @@ from flashmoe.errors import CheckpointError, FlashMoeError
 ARCHS = ("qwen3_moe", "qwen3_5_moe", "deepseek_v3", "mixtral")
 LAYOUTS = ("hf", "mlx")
 ROUTER_GAIN = 4.0  # router logits std ~4: trained routers are decisive, not near-uniform
-CHUNK = 1 << 22  # elements generated per RNG call: bounds memory for any tensor size
+CHUNK = 1 << 18  # elements generated per RNG call: bounds memory for any tensor size
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
