@@ -1,0 +1,167 @@
+"""The client library and the ``flashmoe generate`` / ``chat`` commands.
+
+Failure modes run against a fake daemon (a bare ROUTER that never answers); the rest against a
+real daemon on the tiny model (helpers from test_daemon.py).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from flashmoe.protocol import sockets
+from flashmoe.protocol.client import (
+    Client,
+    ClientError,
+    DaemonNotRunning,
+    RequestRejected,
+    Timeout,
+    daemon_paths,
+)
+from flashmoe.protocol.messages import DAEMON_ACCEPTS, Cancel, Generate, decode
+from test_daemon import CHAT, MAX_TOKENS, PROMPTS, Daemon, reference, short_dir, tiny_model
+
+import flashmoe
+from flashmoe.cli import main as cli_main
+
+__all__ = ["reference", "tiny_model"]  # fixtures shared with test_daemon.py
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model: Path):
+    d = Daemon(tiny_model)
+    d.wait_ready()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def fake_daemon():
+    """A ROUTER on a private socket that reads but never answers; the pid file names us."""
+    d = short_dir()
+    paths = daemon_paths(d / "d.sock")
+    router = sockets.router(paths.endpoint)
+    paths.pid.write_text(f"{os.getpid()}\n")
+    yield paths, router
+    router.close(linger=0)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_exceptions_and_reexport() -> None:
+    assert flashmoe.Client is Client and flashmoe.__version__
+    for exc in (DaemonNotRunning, Timeout, RequestRejected):
+        assert issubclass(exc, ClientError) and issubclass(exc, flashmoe.FlashMoeError)
+        assert getattr(flashmoe, exc.__name__) is exc
+
+
+def test_no_daemon(tmp_path: Path) -> None:
+    with pytest.raises(DaemonNotRunning, match="no flashmoe-daemon"):
+        Client(tmp_path / "none.sock")
+    sock = tmp_path / "stale.sock"
+    sock.write_bytes(b"")
+    daemon_paths(sock).pid.write_text("999999999\n")  # beyond any pid_max
+    with pytest.raises(DaemonNotRunning):
+        Client(sock)
+
+
+def test_timeout_cancels_the_request(fake_daemon) -> None:
+    paths, router = fake_daemon
+    with Client(paths.socket, timeout=0.3) as c:
+        t0 = time.monotonic()
+        with pytest.raises(Timeout, match="timeout"):
+            c.generate("hi")
+        assert time.monotonic() - t0 < 2
+        with pytest.raises(Timeout):
+            c.status()
+    got = []
+    while (frames := sockets.recv_with_timeout(router, 0.3)) is not None:
+        got.append(decode(frames[1:], DAEMON_ACCEPTS))
+    assert type(got[0]) is Generate and type(got[1]) is Cancel and got[1].id == got[0].id
+
+
+def test_daemon_gone_mid_request(fake_daemon) -> None:
+    paths, router = fake_daemon
+    errors: list[Exception] = []
+
+    def waiting() -> None:
+        try:
+            with Client(paths.socket, timeout=60) as c:
+                c.generate("hi")
+        except Exception as e:
+            errors.append(e)
+
+    t = threading.Thread(target=waiting)
+    t.start()
+    assert sockets.recv_with_timeout(router, 10) is not None
+    paths.socket.unlink()  # what a stopping daemon does
+    t.join(10)
+    assert not t.is_alive() and type(errors[0]) is DaemonNotRunning
+
+
+def test_cancel_by_id(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        stream = c.generate(PROMPTS[0], max_tokens=20000, stream=True)
+        next(stream)
+        c.cancel(stream.id)
+        n = sum(1 for _ in stream)
+        assert stream.result.finish_reason == "cancelled" and n < 20000
+
+
+def test_one_client_shared_by_threads(daemon: Daemon, reference: dict) -> None:
+    out: dict[int, object] = {}
+    with daemon.client() as c:
+
+        def one(i: int) -> None:
+            try:
+                out[i] = [t for ch in c.generate(PROMPTS[i], max_tokens=MAX_TOKENS, stream=True)
+                          for t in ch.token_ids]  # fmt: skip
+            except Exception as e:
+                out[i] = e
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert out == {i: reference[PROMPTS[i]][0] for i in range(4)}
+
+
+def test_cli_generate(daemon: Daemon, reference: dict, capsys: pytest.CaptureFixture) -> None:
+    text = reference[PROMPTS[0]][1]
+    args = ["generate", PROMPTS[0], "--socket", str(daemon.socket), "--max-tokens", str(MAX_TOKENS)]
+    assert cli_main(args) == 0
+    assert capsys.readouterr().out == text + "\n"
+    assert cli_main([*args, "--no-stream"]) == 0
+    assert capsys.readouterr().out == text + "\n"
+    assert cli_main([*args, "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_cli_no_daemon(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["generate", "hi", "--socket", str(tmp_path / "none.sock")]) == 2
+    assert "error: no flashmoe-daemon" in capsys.readouterr().err
+
+
+def test_cli_chat_keeps_history(
+    daemon: Daemon, reference: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = reference["chat"][1]
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO(f"{CHAT[0]['content']}\n\nAnd wolves?\n/exit\nx\n")
+    )
+    args = ["chat", "--socket", str(daemon.socket), "--max-tokens", str(MAX_TOKENS)]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    history = [
+        *CHAT,
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And wolves?"},
+    ]
+    with daemon.client() as c:
+        second = c.chat(history, max_tokens=MAX_TOKENS).text
+    assert out == f"{first}\n{second}\n"
