@@ -49,6 +49,8 @@ _MX_DTYPE = {"float32": "F32", "uint32": "U32", "bfloat16": "BF16"}
 
 @dataclass(frozen=True)
 class Dims:
+    """Model sizes; the defaults make a tiny model that loads and generates in milliseconds."""
+
     layers: int = 4
     hidden: int = 128
     experts: int = 16
@@ -711,6 +713,8 @@ def synth(
         raise FlashMoeError(f"--topk {d.topk} is more than --experts {d.experts}")
     if d.vocab < 260 + len(SPECIAL_TOKENS):
         raise FlashMoeError(f"--vocab {d.vocab} is too small for a byte-level BPE (>= 263)")
+    if seed < 0:
+        raise FlashMoeError(f"--seed must be >= 0, got {seed}")
     if shard_size < 1:
         raise FlashMoeError("--shard-size must be positive")
 
