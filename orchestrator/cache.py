@@ -1,0 +1,243 @@
+"""The expert cache: routed experts resident as MLX arrays, filled from the shared-memory pool.
+
+For every tensor of an expert record the cache holds one MLX array of shape
+``[nslots, *tensor_shape]`` in the compute dtype. A streamed expert bank passes cache slot ids as
+the ``rhs_indices`` of ``gather_mm`` / ``gather_qmm``, so a hit costs nothing but an index and no
+expert is ever stacked or copied per call.
+
+A miss: the slot table hands out a cache slot (evicting the least recently used unpinned one),
+a loader worker reads the record into a staging slot of the shared-memory pool, and the
+coordinator copies the staging slot into the cache slot (converting bf16/f16 to the compute dtype
+on the way) and frees the staging slot. On the CPU backend MLX cannot wrap shared memory
+without a copy, so this one copy per *miss* is the cheapest honest path: it replaces a copy per
+*use*.
+
+Writing into an MLX array's buffer is safe here because every write happens after the host has
+synchronised on the current layer's routing, which depends on every earlier read of the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+from flashmoe.orchestrator.slots import SlotTable
+
+from flashmoe.errors import BudgetError, LoadError
+from flashmoe.store import RECORD_ALIGN, RecordLayout, TensorSpec
+
+_NP_BITS = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32,
+            "uint32": np.uint32, "uint8": np.uint8, "int8": np.int8, "uint16": np.uint16}
+_MX = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32,
+       "uint32": mx.uint32, "uint8": mx.uint8, "int8": mx.int8, "uint16": mx.uint16}
+_FLOATS = ("bfloat16", "float16", "float32")
+
+
+def _roundup(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def cache_dtype(spec: TensorSpec, compute: mx.Dtype) -> mx.Dtype:
+    """Floating tensors are cached in the compute dtype, integer (packed) ones as they are."""
+    return compute if spec.dtype in _FLOATS else _MX[spec.dtype]
+
+
+def cache_record_bytes(layout: RecordLayout, compute: mx.Dtype) -> int:
+    return sum(int(np.prod(t.shape)) * cache_dtype(t, compute).size for t in layout.tensors)
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How a memory budget splits into cache slots and staging slots."""
+
+    cache_slots: int
+    staging_slots: int
+    cache_record_bytes: int
+    staging_slot_bytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return (self.cache_slots * self.cache_record_bytes
+                + self.staging_slots * self.staging_slot_bytes)
+
+
+def plan_pool(budget: int, layout: RecordLayout, compute: mx.Dtype, top_k: int,
+              num_experts: int, parallel_reads: int = 16) -> PoolPlan:
+    """Split ``budget`` bytes: at least ``top_k`` cache slots (one layer of one token), and up
+    to ``parallel_reads`` staging slots so the loaders can keep their I/O queues full."""
+    rec = cache_record_bytes(layout, compute)
+    stage = _roundup(layout.nbytes, RECORD_ALIGN)
+    minimum = top_k * rec + stage
+    if budget < minimum:
+        raise BudgetError(
+            f"memory budget {budget} bytes is too small: one layer's {top_k} experts need at "
+            f"least {minimum} bytes ({top_k} x {rec} cached + one {stage}-byte staging slot); "
+            f"use --memory-budget {minimum} or more"
+        )
+    nstage = max(1, min(parallel_reads, num_experts, (budget - top_k * rec) // stage // 4))
+    ncache = min((budget - nstage * stage) // rec, 0x7FFFFFFF)
+    return PoolPlan(int(ncache), int(nstage), rec, stage)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    io_wait_s: float = 0.0
+    copy_s: float = 0.0
+    calls: int = 0
+    per_layer_misses: dict = field(default_factory=dict)
+
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+def _record_views(buf: np.ndarray, layout: RecordLayout) -> dict[str, np.ndarray]:
+    return {t.name: buf[t.offset:t.offset + t.nbytes].view(_NP_BITS[t.dtype]).reshape(t.shape)
+            for t in layout.tensors}
+
+
+def _copy_convert(dst: np.ndarray, src: np.ndarray, src_dtype: str) -> None:
+    """Copy one tensor into a cache slot, converting its float format where needed."""
+    if dst.dtype == np.float32 and src_dtype == "bfloat16":
+        # bf16 is the upper half of an f32: widen in place without a temporary.
+        d = dst.view(np.uint32)
+        d[...] = src
+        d <<= 16
+    elif dst.dtype.itemsize == 2 and src_dtype in ("bfloat16", "float16") and (
+        (src_dtype == "bfloat16") == (dst.dtype == np.uint16)
+    ):
+        dst.view(src.dtype)[...] = src
+    elif src_dtype == "bfloat16":
+        wide = src.astype(np.uint32) << 16
+        dst[...] = wide.view(np.float32).astype(dst.dtype)
+    else:
+        dst[...] = src
+
+
+class ExpertCache:
+    """Cache slots as MLX arrays plus the loads that fill them.
+
+    Args:
+        layout: the record layout of the store (same for every MoE layer).
+        plan: cache and staging slot counts.
+        compute: the compute dtype.
+        loader: a ``LoaderPool`` (``submit(slot, extents, checksum)``, ``poll(timeout)``).
+        pool: the shared-memory ``ExpertPool`` whose slots the loader fills (staging).
+        store: the store index (``extents``, ``checksum``).
+    """
+
+    def __init__(self, layout: RecordLayout, plan: PoolPlan, compute: mx.Dtype, loader, pool,
+                 store, load_timeout_s: float = 60.0):
+        self.layout = layout
+        self.plan = plan
+        self.compute = compute
+        self.loader = loader
+        self.pool = pool
+        self.store = store
+        self.load_timeout_s = load_timeout_s
+        self.table = SlotTable(plan.cache_slots)
+        self.stats = CacheStats()
+        self.arrays: dict[str, mx.array] = {}
+        for t in layout.tensors:
+            a = mx.zeros((plan.cache_slots, *t.shape), dtype=cache_dtype(t, compute))
+            mx.eval(a)
+            self.arrays[t.name] = a
+        self._host = {}
+        for name, a in self.arrays.items():
+            view = np.array(a, copy=False)
+            if not view.flags.writeable or not view.flags.c_contiguous:
+                raise RuntimeError("MLX did not expose a writable contiguous cache buffer")
+            self._host[name] = view
+        self._staging_free = list(range(plan.staging_slots))
+        self._staging_views = [_record_views(pool.slot(i), layout)
+                               for i in range(plan.staging_slots)]
+
+    @property
+    def nslots(self) -> int:
+        return self.plan.cache_slots
+
+    def nbytes(self) -> int:
+        return self.plan.nbytes
+
+    def acquire(self, layer: int, experts: Iterable[int]) -> np.ndarray:
+        """Pin the experts of ``layer`` in the cache, loading the missing ones; returns their
+        cache slots in the order given. Blocks until every miss has arrived."""
+        slots = []
+        todo = []
+        try:
+            for e in experts:
+                slot, status = self.table.acquire((layer, int(e)))
+                slots.append(slot)
+                if status == "miss":
+                    todo.append((slot, self.table.generation(slot), layer, int(e)))
+                elif status == "hit":
+                    self.stats.hits += 1
+                else:  # "wait": a load started by someone else; not used by one coordinator
+                    raise RuntimeError("merged wait is not expected in a single coordinator")
+            if todo:
+                self.stats.misses += len(todo)
+                self._load(todo)
+        except BaseException:
+            for s in slots:
+                self.table.release(s)
+            raise
+        self.stats.calls += 1
+        return np.asarray(slots, dtype=np.int32)
+
+    def release(self, slots: Iterable[int]) -> None:
+        for s in slots:
+            self.table.release(int(s))
+
+    def _load(self, todo: list[tuple[int, int, int, int]]) -> None:
+        pending = list(reversed(todo))
+        inflight: dict[int, tuple[int, int, int, int, int]] = {}  # req -> (stage, slot, gen, l, e)
+        t0 = time.perf_counter()
+        deadline = t0 + self.load_timeout_s
+        error: str | None = None
+        while pending or inflight:
+            while pending and self._staging_free and error is None:
+                slot, gen, layer, e = pending.pop()
+                stage = self._staging_free.pop()
+                req = self.loader.submit(stage, self.store.extents(layer, e),
+                                         self.store.checksum(layer, e))
+                inflight[req] = (stage, slot, gen, layer, e)
+            if error is not None and not inflight:
+                break
+            done = self.loader.poll(max(0.0, deadline - time.perf_counter()))
+            if not done and time.perf_counter() >= deadline:
+                raise LoadError(f"timed out after {self.load_timeout_s:.0f}s waiting for "
+                                f"{len(inflight)} expert loads (setting load_timeout_s)")
+            for c in done:
+                entry = inflight.pop(c.req, None)
+                if entry is None:
+                    continue
+                stage, slot, gen, layer, e = entry
+                if c.ok and error is None:
+                    t1 = time.perf_counter()
+                    self._fill(slot, stage)
+                    self.stats.copy_s += time.perf_counter() - t1
+                    self.stats.bytes_read += c.nbytes
+                    self.table.loaded(slot, gen)
+                else:
+                    self.table.failed(slot, gen)
+                    if error is None:
+                        error = (c.error if not c.ok else None)
+                        if error:
+                            error = f"layer {layer} expert {e}: {error}"
+                self._staging_free.append(stage)
+        for slot, gen, _layer, _e in pending:
+            self.table.failed(slot, gen)
+        self.stats.io_wait_s += time.perf_counter() - t0
+        if error is not None:
+            raise LoadError(error)
+
+    def _fill(self, slot: int, stage: int) -> None:
+        src = self._staging_views[stage]
+        for t in self.layout.tensors:
+            _copy_convert(self._host[t.name][slot], src[t.name], t.dtype)

@@ -1,0 +1,363 @@
+"""The engine: an mlx-lm model whose expert banks stream from the store, and the requests on it.
+
+The engine works on one model. It loads the dense weights with mlx-lm (lazily, so expert tensors
+are never read), swaps every expert bank for a streamed one, starts the loader workers and the
+shared-memory pool, and generates with mlx-lm's own ``generate_step``, sampler, KV caches and
+detokenizer. ``generate`` runs in the caller's thread (``flashmoe run``); ``start``/``submit`` run
+requests on an engine thread for the daemon.
+"""
+
+from __future__ import annotations
+
+import queue
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import psutil
+from flashmoe.configs import Settings, load_settings, parse_size
+from flashmoe.orchestrator.cache import ExpertCache, plan_pool
+from flashmoe.orchestrator.loaders import LoaderPool
+from flashmoe.orchestrator.streamed import find_banks, install_streamed_banks
+from flashmoe.shm.pool import ExpertPool, cleanup_stale
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import _get_classes, load_model, load_tokenizer
+
+from flashmoe.errors import CheckpointError, FlashMoeError
+from flashmoe.store import open_store
+
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+@dataclass
+class GenRequest:
+    id: str
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+
+
+@dataclass
+class Chunk:
+    id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" on the last chunk
+    stats: dict | None = None
+    error: str | None = None
+
+
+def resolve_dtype(name: str, config: dict) -> mx.Dtype:
+    """``auto``: float32 on the CPU backend (bf16 is slow there and gather_mm needs f32),
+    the checkpoint's own dtype on a GPU."""
+    if name != "auto":
+        return _DTYPES[name]
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    text = config.get("text_config", config)
+    declared = text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype")
+    return _DTYPES.get(str(declared), mx.bfloat16)
+
+
+def _config_override(config: dict, experts_per_token: int | None) -> dict | None:
+    if experts_per_token is None:
+        return None
+    if experts_per_token < 1:
+        raise FlashMoeError(f"--experts-per-token must be >= 1, got {experts_per_token}")
+    if "text_config" in config:
+        return {"text_config": {**config["text_config"], "num_experts_per_tok": experts_per_token}}
+    return {"num_experts_per_tok": experts_per_token}
+
+
+def load_dense(path: Path, model_config: dict | None) -> tuple[nn.Module, dict]:
+    """mlx-lm's ``load_model``, lazily, checking that every non-expert parameter was in the
+    checkpoint (mlx-lm's strict check would also demand the experts a packed store leaves out)."""
+
+    def classes(config):
+        model_cls, args_cls = _get_classes(config)
+
+        class DenseChecked(model_cls):
+            def load_weights(self, weights, strict=True):
+                names = {k for k, _ in weights}
+                banks = tuple(p + "." for p, _, _ in find_banks(self))
+                missing = [k for k, _ in tree_flatten(self.parameters())
+                           if k not in names and not k.startswith(banks)]
+                if missing:
+                    raise CheckpointError(f"{path}: {len(missing)} dense tensors missing from "
+                                          f"the checkpoint, e.g. {missing[0]}")
+                return super().load_weights(weights, strict=False)
+
+        DenseChecked.__name__ = model_cls.__name__
+        return DenseChecked, args_cls
+
+    try:
+        return load_model(path, lazy=True, strict=False, model_config=model_config,
+                          get_model_classes=classes)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def default_budget(settings: Settings, dense_bytes: int) -> int:
+    avail = psutil.virtual_memory().available
+    return max(0, int((avail - dense_bytes) * settings.auto_budget_fraction))
+
+
+class Engine:
+    """A loaded model with streamed experts. See the module docstring."""
+
+    def __init__(self, model: str, settings: Settings | None = None, *,
+                 memory_budget: str | int | None = None, workers: int | None = None,
+                 io_threads: int | None = None, dtype: str | None = None,
+                 experts_per_token: int | None = None):
+        self.settings = s = (settings or load_settings()).with_overrides(
+            memory_budget=None if memory_budget is None else str(memory_budget),
+            workers=workers, io_threads=io_threads, dtype=dtype)
+        self.model_path = Path(model)
+        self.model_name = self.model_path.name
+        self.store = open_store(self.model_path)
+        self.compute_dtype = resolve_dtype(s.dtype, self.store.config)
+        top_k = experts_per_token or self.store.top_k
+        dense_bytes_est = self.store.dense_bytes()
+        budget = (default_budget(s, dense_bytes_est) if s.memory_budget == "auto"
+                  else parse_size(s.memory_budget))
+        self.plan = plan_pool(budget, self.store.layout, self.compute_dtype, top_k,
+                              self.store.num_experts,
+                              parallel_reads=2 * max(1, s.workers) * max(1, s.io_threads))
+        self.budget = budget
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self.requests_served = 0
+        self.tokens_generated = 0
+        self.started = time.time()
+        self._last_tps = 0.0
+        cleanup_stale()
+        self.pool = ExpertPool.create(self.plan.staging_slots, self.plan.staging_slot_bytes)
+        try:
+            self.loader = LoaderPool(self.pool, workers=s.workers, threads=s.io_threads,
+                                     io_mode=s.io_mode,
+                                     start_timeout_s=s.worker_start_timeout_s,
+                                     load_timeout_s=s.load_timeout_s)
+            self.cache = ExpertCache(self.store.layout, self.plan, self.compute_dtype,
+                                     self.loader, self.pool, self.store,
+                                     load_timeout_s=4 * s.load_timeout_s)
+            override = _config_override(self.store.config, experts_per_token)
+            self.model, self.config = load_dense(self.store.dense_dir, override)
+            self.banks = install_streamed_banks(self.model, self.cache, self.store.quantization,
+                                                self.store.moe_layers)
+            self.model.set_dtype(self.compute_dtype)
+            params = self.model.parameters()
+            mx.eval(params)
+            self.dense_bytes = sum(v.nbytes for _, v in tree_flatten(params))
+            self.tokenizer = load_tokenizer(self.store.dense_dir,
+                                            eos_token_ids=self.config.get("eos_token_id"))
+        except BaseException:
+            self._shutdown_io()
+            raise
+
+    # -- requests ---------------------------------------------------------------------------
+    def validate(self, req: GenRequest) -> None:
+        """Raise ``ValueError`` with a clear message for a request that cannot be served."""
+        s = self.settings
+        if (req.prompt is None) == (req.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if not 1 <= req.max_tokens <= s.max_tokens_limit:
+            raise ValueError(f"max_tokens must be in 1..{s.max_tokens_limit}")
+        if not (req.temperature >= 0 and req.temperature < 1e4):
+            raise ValueError("temperature must be >= 0")
+        if not 0 < req.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if req.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 0 <= req.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if req.messages is not None:
+            for m in req.messages:
+                if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                        m.get("role") not in ("system", "user", "assistant", "tool"):
+                    raise ValueError("messages must be a list of {role, content} objects")
+        if len(self.encode(req)) > s.max_prompt_tokens:
+            raise ValueError(f"prompt longer than {s.max_prompt_tokens} tokens")
+
+    def encode(self, req: GenRequest) -> list[int]:
+        """Token ids of the prompt: a string exactly as ``mlx_lm.generate`` encodes it, or the
+        chat template applied to ``messages``."""
+        tok = self.tokenizer
+        if req.messages is not None:
+            ids = tok.apply_chat_template(req.messages, add_generation_prompt=True,
+                                          tokenize=True)
+            if isinstance(ids, dict):
+                ids = ids["input_ids"]
+            return list(ids)
+        prompt = req.prompt
+        add_special = tok.bos_token is None or not prompt.startswith(tok.bos_token)
+        return list(tok.encode(prompt, add_special_tokens=add_special))
+
+    def generate(self, req: GenRequest) -> Iterator[Chunk]:
+        """Generate for one request in the caller's thread, one chunk per token."""
+        if self._closed:
+            raise FlashMoeError("engine is closed")
+        self.validate(req)
+        prompt = self.encode(req)
+        if req.seed is not None:
+            mx.random.seed(req.seed)
+        sampler = make_sampler(req.temperature, top_p=req.top_p if req.top_p < 1 else 0.0,
+                               min_p=req.min_p, top_k=req.top_k)
+        detok = self.tokenizer.detokenizer
+        detok.reset()
+        eos = set(self.tokenizer.eos_token_ids)
+        st = self.cache.stats
+        hits0, miss0, bytes0 = st.hits, st.misses, st.bytes_read
+        io0, copy0 = st.io_wait_s, st.copy_s
+        t0 = time.perf_counter()
+        t_first = None
+        ids: list[int] = []
+        finish = "length"
+        for token, _ in generate_step(mx.array(prompt), self.model, max_tokens=req.max_tokens,
+                                      sampler=sampler):
+            if t_first is None:
+                t_first = time.perf_counter()
+            if req.id in self._cancelled:
+                finish = "cancelled"
+                break
+            if token in eos:
+                finish = "stop"
+                break
+            ids.append(token)
+            detok.add_token(token)
+            yield Chunk(req.id, detok.last_segment, [token])
+        detok.finalize()
+        t_end = time.perf_counter()
+        t_first = t_first or t_end
+        hits, misses = st.hits - hits0, st.misses - miss0
+        decode_s = t_end - t_first
+        stats = {
+            "prompt_tokens": len(prompt),
+            "generation_tokens": len(ids),
+            "prefill_tokens_per_s": len(prompt) / max(t_first - t0, 1e-9),
+            "decode_tokens_per_s": (len(ids) - 1) / decode_s if len(ids) > 1 and decode_s
+            else 0.0,
+            "time_to_first_token_s": t_first - t0,
+            "expert_hit_rate": hits / (hits + misses) if hits + misses else 1.0,
+            "expert_hits": hits,
+            "expert_misses": misses,
+            "bytes_read": st.bytes_read - bytes0,
+            "io_wait_s": st.io_wait_s - io0,
+            "copy_s": st.copy_s - copy0,
+            "pool_bytes": self.plan.nbytes,
+            "cache_slots": self.plan.cache_slots,
+            "staging_slots": self.plan.staging_slots,
+            "dense_bytes": self.dense_bytes,
+            "peak_rss_bytes": _peak_rss(),
+            "zero_copy": False,
+            "dtype": str(self.compute_dtype).split(".")[-1],
+        }
+        self.requests_served += 1
+        self.tokens_generated += len(ids)
+        self._last_tps = stats["decode_tokens_per_s"]
+        self._cancelled.discard(req.id)
+        yield Chunk(req.id, detok.last_segment, [], finish_reason=finish, stats=stats)
+
+    # -- engine thread (daemon) -----------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread; every MLX call happens there from now on."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="flashmoe-engine",
+                                            daemon=True)
+            self._thread.start()
+
+    def submit(self, req: GenRequest, on_chunk: Callable[[Chunk], None]) -> None:
+        """Queue a request; ``on_chunk`` is called from the engine thread for every chunk."""
+        if self._closed:
+            raise FlashMoeError("engine is closed")
+        self._queue.put((req, on_chunk))
+
+    def cancel(self, req_id: str) -> None:
+        self._cancelled.add(req_id)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            req, on_chunk = item
+            if req.id in self._cancelled:
+                self._cancelled.discard(req.id)
+                on_chunk(Chunk(req.id, "", [], finish_reason="cancelled"))
+                continue
+            try:
+                for chunk in self.generate(req):
+                    on_chunk(chunk)
+            except (FlashMoeError, ValueError) as e:
+                on_chunk(Chunk(req.id, "", [], finish_reason="error", error=str(e)))
+            except Exception as e:  # the loop must survive any one request
+                print(f"engine: request {req.id} failed: {e!r}", file=sys.stderr, flush=True)
+                on_chunk(Chunk(req.id, "", [], finish_reason="error",
+                               error=f"internal error: {type(e).__name__}: {e}"))
+
+    def status(self) -> dict:
+        st = self.cache.stats
+        return {
+            "model": self.model_name,
+            "model_path": str(self.model_path),
+            "store_kind": self.store.kind,
+            "uptime_s": time.time() - self.started,
+            "dtype": str(self.compute_dtype).split(".")[-1],
+            "pool_bytes": self.plan.nbytes,
+            "budget_bytes": self.budget,
+            "cache_slots": self.plan.cache_slots,
+            "cache_slots_ready": self.cache.table.stats()["ready"],
+            "expert_hit_rate": st.hit_rate(),
+            "bytes_read": st.bytes_read,
+            "decode_tokens_per_s": self._last_tps,
+            "requests_served": self.requests_served,
+            "tokens_generated": self.tokens_generated,
+            "queued": self._queue.qsize(),
+            "workers": self.loader.workers_info(),
+            "dense_bytes": self.dense_bytes,
+        }
+
+    def close(self) -> None:
+        """Stop the engine thread, the loader workers, and unlink the shared memory."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+        self._shutdown_io()
+
+    def _shutdown_io(self) -> None:
+        loader = getattr(self, "loader", None)
+        if loader is not None:
+            loader.close()
+        self.pool.close()
+        self.pool.unlink()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _peak_rss() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024
+
+
