@@ -195,6 +195,9 @@ class Service:
         """Engine status plus the daemon's: pid, uptime, requests served/running, tokens."""
         out = {"model": self.model_name}
         out.update(self.engine.status())
+        rec = getattr(getattr(self.engine, "plan", None), "cache_record_bytes", None)
+        if "pool_bytes_used" not in out and rec and "cache_slots_ready" in out:
+            out["pool_bytes_used"] = out["cache_slots_ready"] * rec  # until the engine says
         with self._lock:
             out.update(
                 requests_served=self.requests_served,
