@@ -180,7 +180,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_workers_exit_when_the_coordinator_dies():
+def test_workers_exit_when_the_coordinator_dies(tmp_path):
     code = (
         "import os\n"
         "from flashmoe.shm.pool import ExpertPool\n"
@@ -190,8 +190,10 @@ def test_workers_exit_when_the_coordinator_dies():
         "print(pool.name, *[w['pid'] for w in lp.workers_info()], flush=True)\n"
         "os.kill(os.getpid(), 9)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    name, *pids = out.stdout.split()
+    log = tmp_path / "out.txt"
+    with open(log, "w") as f:  # a file, not a pipe: the workers inherit it
+        subprocess.run([sys.executable, "-c", code], stdout=f, timeout=60)
+    name, *pids = log.read_text().split()
     deadline = time.monotonic() + 10
     while any(_alive(int(p)) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)

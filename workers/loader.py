@@ -313,4 +313,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stderr.flush()
+    # Skip interpreter teardown: a zmq context waits there for any socket still open in a
+    # straggling I/O thread, and an orphaned worker must never linger.
+    os._exit(code)
