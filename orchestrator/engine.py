@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,40 +23,17 @@ import psutil
 from flashmoe.configs import Settings, load_settings, parse_size
 from flashmoe.orchestrator.cache import ExpertCache, plan_pool
 from flashmoe.orchestrator.loaders import LoaderPool
+from flashmoe.orchestrator.scheduler import Chunk, GenRequest, Scheduler, sampler_for
 from flashmoe.orchestrator.streamed import find_banks, install_streamed_banks
 from flashmoe.shm.pool import ExpertPool, cleanup_stale
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
-from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.store import open_store
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-
-
-@dataclass
-class GenRequest:
-    id: str
-    prompt: str | None = None
-    messages: list[dict] | None = None
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-
-
-@dataclass
-class Chunk:
-    id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" on the last chunk
-    stats: dict | None = None
-    error: str | None = None
 
 
 def resolve_dtype(name: str, config: dict) -> mx.Dtype:
@@ -121,7 +97,8 @@ class Engine:
     def __init__(self, model: str, settings: Settings | None = None, *,
                  memory_budget: str | int | None = None, workers: int | None = None,
                  io_threads: int | None = None, dtype: str | None = None,
-                 experts_per_token: int | None = None):
+                 experts_per_token: int | None = None, max_batch: int = 8):
+        self.max_batch = max_batch
         self.settings = s = (settings or load_settings()).with_overrides(
             memory_budget=None if memory_budget is None else str(memory_budget),
             workers=workers, io_threads=io_threads, dtype=dtype)
@@ -186,6 +163,10 @@ class Engine:
             raise ValueError("top_k must be >= 0")
         if not 0 <= req.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
+        if isinstance(req.prompt, list):
+            vocab = len(self.tokenizer.vocab) if hasattr(self.tokenizer, "vocab") else 1 << 31
+            if not req.prompt or not all(type(t) is int and 0 <= t < vocab for t in req.prompt):
+                raise ValueError(f"prompt token ids must be a non-empty list of ints in 0..{vocab}")
         if req.messages is not None:
             for m in req.messages:
                 if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
@@ -205,6 +186,8 @@ class Engine:
                 ids = ids["input_ids"]
             return list(ids)
         prompt = req.prompt
+        if isinstance(prompt, list):
+            return [int(t) for t in prompt]
         add_special = tok.bos_token is None or not prompt.startswith(tok.bos_token)
         return list(tok.encode(prompt, add_special_tokens=add_special))
 
@@ -216,14 +199,10 @@ class Engine:
         prompt = self.encode(req)
         if req.seed is not None:
             mx.random.seed(req.seed)
-        sampler = make_sampler(req.temperature, top_p=req.top_p if req.top_p < 1 else 0.0,
-                               min_p=req.min_p, top_k=req.top_k)
+        sampler = sampler_for(req)
         detok = self.tokenizer.detokenizer
-        detok.reset()
         eos = set(self.tokenizer.eos_token_ids)
-        st = self.cache.stats
-        hits0, miss0, bytes0 = st.hits, st.misses, st.bytes_read
-        io0, copy0 = st.io_wait_s, st.copy_s
+        snap = self.snapshot()
         t0 = time.perf_counter()
         t_first = None
         ids: list[int] = []
@@ -243,22 +222,32 @@ class Engine:
             yield Chunk(req.id, detok.last_segment, [token])
         detok.finalize()
         t_end = time.perf_counter()
-        t_first = t_first or t_end
-        hits, misses = st.hits - hits0, st.misses - miss0
+        stats = self.request_stats(snap, len(prompt), len(ids), t0, t_first or t_end, t_end)
+        self._cancelled.discard(req.id)
+        yield Chunk(req.id, detok.last_segment, [], finish_reason=finish, stats=stats)
+
+    def snapshot(self) -> tuple:
+        st = self.cache.stats
+        return st.hits, st.misses, st.bytes_read, st.io_wait_s, st.copy_s
+
+    def request_stats(self, snap: tuple, n_prompt: int, n_gen: int, t0: float, t_first: float,
+                      t_end: float) -> dict:
+        """The stats of one request, from a ``snapshot()`` taken when it started."""
+        st = self.cache.stats
+        hits, misses = st.hits - snap[0], st.misses - snap[1]
         decode_s = t_end - t_first
         stats = {
-            "prompt_tokens": len(prompt),
-            "generation_tokens": len(ids),
-            "prefill_tokens_per_s": len(prompt) / max(t_first - t0, 1e-9),
-            "decode_tokens_per_s": (len(ids) - 1) / decode_s if len(ids) > 1 and decode_s
-            else 0.0,
+            "prompt_tokens": n_prompt,
+            "generation_tokens": n_gen,
+            "prefill_tokens_per_s": n_prompt / max(t_first - t0, 1e-9),
+            "decode_tokens_per_s": (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0,
             "time_to_first_token_s": t_first - t0,
             "expert_hit_rate": hits / (hits + misses) if hits + misses else 1.0,
             "expert_hits": hits,
             "expert_misses": misses,
-            "bytes_read": st.bytes_read - bytes0,
-            "io_wait_s": st.io_wait_s - io0,
-            "copy_s": st.copy_s - copy0,
+            "bytes_read": st.bytes_read - snap[2],
+            "io_wait_s": st.io_wait_s - snap[3],
+            "copy_s": st.copy_s - snap[4],
             "pool_bytes": self.plan.nbytes,
             "cache_slots": self.plan.cache_slots,
             "staging_slots": self.plan.staging_slots,
@@ -268,10 +257,9 @@ class Engine:
             "dtype": str(self.compute_dtype).split(".")[-1],
         }
         self.requests_served += 1
-        self.tokens_generated += len(ids)
-        self._last_tps = stats["decode_tokens_per_s"]
-        self._cancelled.discard(req.id)
-        yield Chunk(req.id, detok.last_segment, [], finish_reason=finish, stats=stats)
+        self.tokens_generated += n_gen
+        self._last_tps = stats["decode_tokens_per_s"] or self._last_tps
+        return stats
 
     # -- engine thread (daemon) -----------------------------------------------------------------
     def start(self) -> None:
@@ -291,24 +279,7 @@ class Engine:
         self._cancelled.add(req_id)
 
     def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            req, on_chunk = item
-            if req.id in self._cancelled:
-                self._cancelled.discard(req.id)
-                on_chunk(Chunk(req.id, "", [], finish_reason="cancelled"))
-                continue
-            try:
-                for chunk in self.generate(req):
-                    on_chunk(chunk)
-            except (FlashMoeError, ValueError) as e:
-                on_chunk(Chunk(req.id, "", [], finish_reason="error", error=str(e)))
-            except Exception as e:  # the loop must survive any one request
-                print(f"engine: request {req.id} failed: {e!r}", file=sys.stderr, flush=True)
-                on_chunk(Chunk(req.id, "", [], finish_reason="error",
-                               error=f"internal error: {type(e).__name__}: {e}"))
+        Scheduler(self, max_batch=self.max_batch).run(self._queue, self._cancelled)
 
     def status(self) -> dict:
         st = self.cache.stats

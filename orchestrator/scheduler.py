@@ -1,0 +1,161 @@
+"""Continuous batching on the engine thread: every active request decodes in one model call.
+
+The requests step together through mlx-lm's ``BatchGenerator``, so each MoE layer routes the
+whole batch at once and loads the union of its experts once: concurrent streams share expert
+I/O. Each request keeps its own sampler, token budget and detokenizer. A request that fails in a
+step (a corrupt expert, say) fails the whole batch: the batch state is then unknown, so every
+active request gets the error and a fresh generator takes the next ones.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_sampler
+
+from flashmoe.errors import FlashMoeError
+
+
+@dataclass
+class GenRequest:
+    id: str
+    prompt: str | list[int] | None = None  # a string, or token ids as they are
+    messages: list[dict] | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+
+
+@dataclass
+class Chunk:
+    id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" on the last chunk
+    stats: dict | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Active:
+    req: object
+    on_chunk: Callable
+    prompt_len: int
+    detok: object
+    snap: tuple
+    t0: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    ids: list[int] = field(default_factory=list)
+
+
+def sampler_for(req):
+    return make_sampler(req.temperature, top_p=req.top_p if req.top_p < 1 else 0.0,
+                        min_p=req.min_p, top_k=req.top_k)
+
+
+class Scheduler:
+    """Runs the engine's request queue with up to ``max_batch`` sequences in flight."""
+
+    def __init__(self, engine, max_batch: int = 8):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.gen: BatchGenerator | None = None
+        self.active: dict[int, _Active] = {}
+
+    def _new_gen(self) -> BatchGenerator:
+        eos = [[t] for t in self.engine.tokenizer.eos_token_ids]
+        return BatchGenerator(self.engine.model, stop_tokens=eos,
+                              completion_batch_size=self.max_batch,
+                              prefill_batch_size=self.max_batch)
+
+    def run(self, requests: queue.Queue, cancelled: set) -> None:
+        stopping = False
+        while not stopping or self.active:
+            stopping = self._admit(requests, cancelled) or stopping
+            if not self.active:
+                continue
+            self._cancel(cancelled)
+            if not self.active:
+                continue
+            try:
+                _, responses = self.gen.next()
+            except Exception as e:  # the thread must survive; the batch state is unknown now
+                msg = str(e) if isinstance(e, (FlashMoeError, ValueError)) else \
+                    f"internal error: {type(e).__name__}: {e}"
+                print(f"engine: batch step failed: {e!r}", file=sys.stderr, flush=True)
+                for uid in list(self.active):
+                    self._finish(uid, "error", error=msg)
+                self.gen = None
+                continue
+            now = time.perf_counter()
+            for r in responses:
+                a = self.active.get(r.uid)
+                if a is None:
+                    continue
+                a.t_first = a.t_first or now
+                if r.finish_reason == "stop":
+                    self._finish(r.uid, "stop")
+                    continue
+                a.ids.append(r.token)
+                a.detok.add_token(r.token)
+                a.on_chunk(Chunk(a.req.id, a.detok.last_segment, [r.token]))
+                if r.finish_reason == "length":
+                    self._finish(r.uid, "length")
+
+    def _admit(self, requests: queue.Queue, cancelled: set) -> bool:
+        """Insert queued requests; blocks only while nothing is active. True on shutdown."""
+        while len(self.active) < self.max_batch:
+            try:
+                item = requests.get(block=not self.active, timeout=0.5 if not self.active else 0)
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            req, on_chunk = item
+            if req.id in cancelled:
+                cancelled.discard(req.id)
+                on_chunk(Chunk(req.id, "", [], finish_reason="cancelled"))
+                continue
+            try:
+                self.engine.validate(req)
+                prompt = self.engine.encode(req)
+            except (ValueError, FlashMoeError) as e:
+                on_chunk(Chunk(req.id, "", [], finish_reason="error", error=str(e)))
+                continue
+            if req.seed is not None:
+                mx.random.seed(req.seed)  # exact only for a request that runs alone
+            if self.gen is None:
+                self.gen = self._new_gen()
+            (uid,) = self.gen.insert([prompt], max_tokens=[req.max_tokens],
+                                     samplers=[sampler_for(req)])
+            detok = self.engine.tokenizer.detokenizer  # a fresh copy each time
+            self.active[uid] = _Active(req, on_chunk, len(prompt), detok, self.engine.snapshot())
+        return False
+
+    def _cancel(self, cancelled: set) -> None:
+        gone = [uid for uid, a in self.active.items() if a.req.id in cancelled]
+        if gone:
+            self.gen.remove(gone)
+            for uid in gone:
+                cancelled.discard(self.active[uid].req.id)
+                self._finish(uid, "cancelled")
+
+    def _finish(self, uid: int, reason: str, error: str | None = None) -> None:
+        a = self.active.pop(uid)
+        a.detok.finalize()
+        stats = self.engine.request_stats(a.snap, a.prompt_len, len(a.ids), a.t0,
+                                          a.t_first or time.perf_counter(), time.perf_counter())
+        try:
+            a.on_chunk(Chunk(a.req.id, a.detok.last_segment, [],
+                                         finish_reason=reason, stats=stats, error=error))
+        except Exception as e:  # a broken callback must not take the engine down
+            print(f"engine: callback for {a.req.id} failed: {e!r}", file=sys.stderr, flush=True)
