@@ -66,11 +66,14 @@ from flashmoe.protocol.messages import (
     encode,
 )
 
+from flashmoe.errors import FlashMoeError
+
 log = logging.getLogger("flashmoe.daemon")
 
 DEFAULT_ENGINE = "flashmoe.orchestrator.engine:Engine"
 PEER_BACKLOG = 4096  # replies queued for one client before it counts as "not reading"
 _MAX_SOCKET_PATH = 100  # sun_path is 104 (macOS) / 108 (Linux) bytes
+_FAILED = "flashmoe-daemon failed: "  # marks the reason in the log for `start` to print
 
 
 class ServiceStopping(RuntimeError):
@@ -79,16 +82,17 @@ class ServiceStopping(RuntimeError):
 
 def plain(obj: Any) -> Any:
     """``obj`` as msgpack/JSON-safe data: numpy scalars to Python, non-finite floats to None."""
+    if hasattr(obj, "item") and not isinstance(obj, (dict, list, tuple, str)):
+        try:
+            obj = obj.item()  # numpy / MLX scalar
+        except (TypeError, ValueError):
+            return str(obj)
     if obj is None or isinstance(obj, (bool, str)):
         return obj
     if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float) or hasattr(obj, "item"):
-        try:
-            v = obj.item() if hasattr(obj, "item") else obj
-        except (TypeError, ValueError):
-            return str(obj)
-        return plain(v) if not isinstance(v, float) else (v if math.isfinite(v) else None)
+        return int(obj)  # IntEnum and friends: the wire format wants a plain int
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -104,7 +108,7 @@ def new_request(**fields: Any) -> Any:
 
 
 class Service:
-    """The engine plus what both fronts share: request checks, in-flight set, counters.
+    """The engine plus what both fronts share: validation, the in-flight set, counters.
 
     Args:
         engine: a started ``Engine`` (or anything with its interface).
@@ -122,31 +126,7 @@ class Service:
         self.tokens_generated = 0
         self._running: set[str] = set()
         self._lock = threading.Lock()
-
-    def check(self, req: Any) -> None:
-        """Raise ValueError with a clear message if ``req`` is out of bounds."""
-        if (req.prompt is None) == (req.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
-        if req.messages is not None:
-            if not req.messages:
-                raise ValueError("messages must not be empty")
-            for i, m in enumerate(req.messages):
-                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise ValueError(f"messages[{i}] needs a string role and content")
-        limit = self.settings.max_tokens_limit
-        if isinstance(req.max_tokens, bool) or not 1 <= req.max_tokens <= limit:
-            raise ValueError(f"max_tokens must be in [1, {limit}], got {req.max_tokens}")
-        if not (math.isfinite(req.temperature) and req.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {req.temperature}")
-        if not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {req.top_p}")
-        if req.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {req.top_k}")
-        if not (math.isfinite(req.min_p) and 0 <= req.min_p <= 1):
-            raise ValueError(f"min_p must be in [0, 1], got {req.min_p}")
-        if req.seed is not None and not 0 <= req.seed < 2**64:
-            raise ValueError(f"seed must be in [0, 2**64), got {req.seed}")
-        self.engine.validate(req)
+        self._validate_lock = threading.Lock()
 
     def submit(self, req: Any, on_chunk: Callable[[Any], None]) -> None:
         """Check and queue ``req``; ``on_chunk`` runs on the engine thread for every chunk.
@@ -156,7 +136,8 @@ class Service:
         """
         if not self.accepting:
             raise ServiceStopping("flashmoe-daemon is stopping")
-        self.check(req)
+        with self._validate_lock:  # the front and the HTTP thread share one tokenizer
+            self.engine.validate(req)
 
         def relay(chunk: Any) -> None:
             with self._lock:
@@ -531,8 +512,11 @@ def serve(args: argparse.Namespace, engine_factory: Callable | None = None) -> i
         front.serve(args.drain_timeout)
         log.info("stopped serving")
         return 0
+    except FlashMoeError as e:  # a user-facing reason: one line, no traceback
+        log.error("%s%s", _FAILED, e)
+        return 1
     except Exception as e:
-        log.exception("flashmoe-daemon failed: %s", e)
+        log.exception("%s%s: %s", _FAILED, type(e).__name__, e)
         return 1
     finally:
         if front is not None:
@@ -596,13 +580,11 @@ def _start_detached(args: argparse.Namespace) -> int:
         if rc is not None:
             with open(paths.log, "rb") as f:
                 f.seek(log_start)
-                tail = f.read().decode(errors="replace").strip().splitlines()[-20:]
-            print(
-                f"flashmoe-daemon: failed to start (exit code {rc}); from {paths.log}:",
-                *tail,
-                sep="\n",
-                file=sys.stderr,
-            )
+                lines = f.read().decode(errors="replace").strip().splitlines()
+            reasons = [ln.split(_FAILED, 1)[1] for ln in lines if _FAILED in ln]
+            # Our own error line when there is one, else the end of whatever the child printed.
+            detail = [reasons[-1]] if reasons else ["", *lines[-20:]]
+            print(f"flashmoe-daemon: failed to start (see {paths.log}):", *detail, file=sys.stderr)
             return rc or 1
         try:
             with Client(paths.socket, timeout=0.5) as c:

@@ -164,11 +164,13 @@ class _Api:
 
     async def _body(self, request: Request) -> dict:
         self._auth(request)
+        limit = self.service.settings.max_message_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # refuse before reading it
+            raise ApiError(f"request body over {limit} bytes", 413)
         raw = await request.body()
-        if len(raw) > self.service.settings.max_message_bytes:
-            raise ApiError(
-                f"request body over {self.service.settings.max_message_bytes} bytes", 413
-            )
+        if len(raw) > limit:
+            raise ApiError(f"request body over {limit} bytes", 413)
         try:
             body = json.loads(raw)
         except ValueError:

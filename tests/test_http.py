@@ -138,6 +138,8 @@ def test_bad_json_and_routes(http: httpx.Client, oai: openai.OpenAI, reference: 
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = http.post("/v1/completions", json={"model": reference["name"], "prompt": 3}, headers=auth())
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    big = http.post("/v1/completions", content=b" " * (4 * 1024 * 1024 + 1), headers=auth())
+    assert big.status_code == 413
     assert http.get("/v1/nothing", headers=auth()).status_code == 404
     assert http.get("/v1/chat/completions", headers=auth()).status_code == 405
     with pytest.raises(openai.BadRequestError, match="does not exist"):
