@@ -22,6 +22,12 @@ Paths (names as in the JSON output):
 * ``e3_pinned_slab`` ``b2_slab`` with the host bytes in CuPy page-locked memory
 
 Runs anywhere MLX runs; ``--small`` shrinks the shapes so it finishes in seconds on a CPU.
+Each row reports ``bytes_ok`` (the slots read back through MLX equal the shm bytes) and ``relerr``
+of the expert MLP against a float32 reference built from the dequantized host bytes.
+
+Seen with MLX 0.32.4 on CUDA: ``gather_qmm`` with more than one expert per row returns wrong
+values for slots whose weights lie past 2 GiB into the weight array (the 8 GiB cache rows fail
+on relerr while their bytes are right); keep each cache array under 2 GiB there.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ SLOT_ALIGN = 16384
 TENSOR_ALIGN = 4096
 POISON_U32 = 0xDEADBEEF
 POISON_BF16 = -7.0
+# gather_qmm in bf16 against a float32 reference from the same bytes: ~5e-3 seen on CUDA
+RELERR_TOL = 2e-2
 
 
 @dataclass
@@ -230,22 +238,29 @@ class Bench:
         return mx.array(slots[order].reshape(b, k).astype(np.uint32))
 
     def reference(self, r0: int, n: int) -> np.ndarray:
-        """Expert MLP output for records r0..r0+n-1 computed on the CPU from host bytes."""
+        """Expert MLP output for records r0..r0+n-1, cached per (r0, n)."""
         key = ("ref", r0, n)
         if key not in self.refs:
             self.refs[key] = self._reference(r0, n)
         return self.refs[key]
 
     def _reference(self, r0: int, n: int) -> np.ndarray:
-        ws = {}
-        with mx.stream(mx.cpu):
-            for t in self.tensors:
-                host = np.stack([self.pool.view(r0 + i, t) for i in range(n)])
-                ws[t.name] = as_mx(host, t)
-            idx = mx.array(self.routing(n)[2].reshape(self.routing(n)[0], -1).astype(np.uint32))
-            x = self.x_for(n)
-            out = self.experts(ws, idx, x, stream=mx.cpu).astype(mx.float32)
-            mx.eval(out)
+        """float32 expert MLP from the dequantized host bytes (no gather_qmm involved)."""
+        b, k, order = self.routing(n)
+        deq = {}
+        for proj in ("gate", "up", "down"):
+            parts = []
+            for kind in ("weight", "scales", "biases"):
+                t = next(t for t in self.tensors if t.name == f"{proj}.{kind}")
+                parts.append(as_mx(np.stack([self.pool.view(r0 + i, t) for i in range(n)]), t))
+            w = mx.dequantize(*parts, group_size=self.gs, bits=self.bits)
+            deq[proj] = w.astype(mx.float32)[mx.array(order.reshape(b, k))]  # [b, k, out, in]
+        x = self.x_for(n).astype(mx.float32).reshape(b, 1, -1, 1)
+        g = (deq["gate"] @ x)[..., 0]
+        u = (deq["up"] @ x)[..., 0]
+        h = (g * mx.sigmoid(g) * u)[..., None]
+        out = (deq["down"] @ h)[..., 0].reshape(b, k, 1, -1)
+        mx.eval(out)
         return np.array(out)
 
     def check_out(self, out: mx.array, r0: int, n: int) -> float:
@@ -264,8 +279,12 @@ class Bench:
                 return False
         return True
 
-    def record(self, path: str, n: int, cache_gib, times: dict, ok: bool, relerr, extra=None):
-        row = {"path": path, "n": n, "cache_gib": cache_gib, "ok": bool(ok), "relerr": relerr}
+    def record(
+        self, path: str, n: int, cache_gib, times: dict, bytes_ok, relerr, extra=None
+    ) -> None:
+        ok = bytes_ok is not False and relerr is not None and relerr < self.args.tol
+        row = {"path": path, "n": n, "cache_gib": cache_gib, "ok": ok, "bytes_ok": bytes_ok}
+        row["relerr"] = relerr
         mb = n * self.payload / 1e6
         row["mbytes"] = mb
         for key, vals in times.items():
@@ -279,7 +298,7 @@ class Bench:
         if extra:
             row.update(extra)
         self.results.append(row)
-        parts = [f"{path:18s} N={n:3d} cache={cache_gib!s:>4} ok={ok!s:5s}"]
+        parts = [f"{path:18s} N={n:3d} cache={cache_gib!s:>4} bytes={bytes_ok!s:5s}"]
         for key in ("xfer", "e2e", "compute"):
             if f"{key}_ms" in row:
                 parts.append(f"{key}={row[f'{key}_ms']:8.3f}ms")
@@ -295,7 +314,7 @@ class Bench:
         nslots = next(iter(cache.values())).shape[0]
         reps = self.args.reps if n <= 8 else max(3, self.args.reps // 2)
         times = {"xfer": [], "e2e": [], "compute": []}
-        ok = True
+        bytes_ok = True
         relerr = None
         for it in range(reps + self.args.warmup):
             r0, slots = self.pick(n, nslots)
@@ -315,7 +334,7 @@ class Bench:
             t3 = time.perf_counter()
             check = it == 0 or it == reps + self.args.warmup - 1
             if check:  # before the e2e transfer below may reuse one of these slots
-                ok = ok and self.check_bytes(cache, r0, slots)
+                bytes_ok = bytes_ok and self.check_bytes(cache, r0, slots)
             # e2e: fresh mapping, transfer and compute in one graph and one eval
             r0b, slotsb = self.pick(n, nslots)
             idxb = self.idx_for(slotsb)
@@ -332,11 +351,10 @@ class Bench:
                 times["compute"].append(t3 - t2)
                 times["e2e"].append(t5 - t4)
             if check:
-                ok = ok and self.check_bytes(cache, r0b, slotsb)
+                bytes_ok = bytes_ok and self.check_bytes(cache, r0b, slotsb)
                 e = self.check_out(outb, r0b, n)
                 relerr = e if relerr is None else max(relerr, e)
-                ok = ok and e < 2e-2
-        self.record(path, n, gib, times, ok, relerr)
+        self.record(path, n, gib, times, bytes_ok, relerr)
 
     def xfer_per_record(self, cache, r0, slots):
         for i, s in enumerate(slots):
@@ -537,7 +555,7 @@ class Bench:
             for name, slab in (("d_no_cache", False), ("d2_no_cache_slab", True)):
                 reps = self.args.reps if n <= 8 else max(3, self.args.reps // 2)
                 times = {"e2e": [], "xfer": []}
-                ok, relerr = True, None
+                relerr = None
                 b, k, order = self.routing(n)
                 idx = mx.array(order.reshape(b, k).astype(np.uint32))
                 x = self.x_for(n)
@@ -564,8 +582,7 @@ class Bench:
                             times[phase].append(time.perf_counter() - t0)
                     if it == 0:
                         relerr = self.check_out(out, r0, n)
-                        ok = relerr < 2e-2
-                self.record(name, n, None, times, ok, relerr)
+                self.record(name, n, None, times, None, relerr)
 
     def sec_interop(self):
         """What DLPack and buffer interop MLX allows on this backend (outcomes as text)."""
@@ -698,7 +715,7 @@ class Bench:
     def summary(self):
         print("\n=== summary (median ms; GB/s of record payload) ===")
         hdr = f"{'path':18s} {'N':>3s} {'GiB':>6s} {'xfer ms':>9s} {'GB/s':>7s} "
-        hdr += f"{'e2e ms':>9s} {'GB/s':>7s} {'compute':>8s} ok relerr"
+        hdr += f"{'e2e ms':>9s} {'GB/s':>7s} {'compute':>8s} bytes relerr ok"
         print(hdr)
         for r in self.results:
 
@@ -710,7 +727,8 @@ class Bench:
                 f"{r['path']:18s} {r['n']:3d} {str(r['cache_gib'] or '-'):>6s} "
                 f"{g('xfer_ms', '9.3f')} {g('xfer_gbps', '7.2f')} "
                 f"{g('e2e_ms', '9.3f')} {g('e2e_gbps', '7.2f')} {g('compute_ms', '8.3f')} "
-                f"{'Y' if r['ok'] else 'N'}  {g('relerr', '.1e')}"
+                f"{ {True: 'Y', False: 'N'}.get(r['bytes_ok'], '-'):>5s} {g('relerr', '.1e')} "
+                f"{'Y' if r['ok'] else 'N'}"
             )
         if self.errors:
             print("errors/skips:")
@@ -732,6 +750,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tol", type=float, default=RELERR_TOL, help="relative error allowed")
     p.add_argument("--budget-s", type=float, default=400.0, help="skip sections after this")
     p.add_argument("--only", default="", help="comma list of sections to run")
     p.add_argument("--out", default="", help="write the results as JSON here")
