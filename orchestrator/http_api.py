@@ -106,13 +106,15 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _prompt(body: dict) -> str:
+def _prompt(body: dict) -> str | list[int]:
     p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1:
-        p = p[0]
-    if not isinstance(p, str):
-        raise ApiError("'prompt' must be a string (one prompt per request)", param="prompt")
-    return p
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]  # a batch of one
+    if isinstance(p, str) or (isinstance(p, list) and p and all(type(t) is int for t in p)):
+        return p
+    raise ApiError(
+        "'prompt' must be a string or a list of token ids (one prompt per request)", param="prompt"
+    )
 
 
 def _sampling(body: dict, max_tokens_limit: int) -> dict:

@@ -67,6 +67,7 @@ def reference(tiny_model: Path) -> dict:
         out["chat"] = run(engine, messages=CHAT)
         out["sampled"] = run(engine, prompt=PROMPTS[0], **SAMPLED)
         out["name"] = engine.model_name
+        out["prompt_ids"] = engine.encode(GenRequest(id="ids", prompt=PROMPTS[2]))
     return out
 
 

@@ -83,6 +83,10 @@ def test_completions(oai: openai.OpenAI, reference: dict) -> None:
         oai.completions.create(model=model, prompt=PROMPTS[2], max_tokens=MAX_TOKENS, stream=True)
     )
     assert "".join(c.choices[0].text for c in chunks) == text
+    by_ids = oai.completions.create(
+        model=model, prompt=reference["prompt_ids"], max_tokens=MAX_TOKENS
+    )
+    assert by_ids.choices[0].text == text
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
 
@@ -136,8 +140,11 @@ def test_bad_json_and_routes(http: httpx.Client, oai: openai.OpenAI, reference: 
     for raw in (b"{not json", b"[1, 2]", b"\xff\xfe"):
         r = http.post("/v1/completions", content=raw, headers=auth())
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
-    r = http.post("/v1/completions", json={"model": reference["name"], "prompt": 3}, headers=auth())
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    for prompt in (3, [], [1, "a"], [[1], [2]], [10**9]):
+        body = {"model": reference["name"], "prompt": prompt}
+        r = http.post("/v1/completions", json=body, headers=auth())
+        assert r.status_code == 400, prompt
+        assert r.json()["error"]["param"] == ("prompt" if prompt != [10**9] else None)
     big = http.post("/v1/completions", content=b" " * (4 * 1024 * 1024 + 1), headers=auth())
     assert big.status_code == 413
     assert http.get("/v1/nothing", headers=auth()).status_code == 404
