@@ -83,6 +83,17 @@ def plan_pool(budget: int, layout: RecordLayout, compute: mx.Dtype, top_k: int,
 
 
 @dataclass
+class Pending:
+    """Loads started by ``ExpertCache.begin``: the pinned slots, which were hits, what is left."""
+
+    slots: np.ndarray
+    hit: np.ndarray
+    todo: list
+    inflight: dict = field(default_factory=dict)  # req -> (stage, slot, gen, layer, expert)
+    error: str | None = None
+
+
+@dataclass
 class CacheStats:
     hits: int = 0
     misses: int = 0
@@ -90,7 +101,10 @@ class CacheStats:
     io_wait_s: float = 0.0
     copy_s: float = 0.0
     calls: int = 0
-    per_layer_misses: dict = field(default_factory=dict)
+    # Set by benchmarks: the banks then also time routing and expert compute (an extra sync).
+    profile: bool = False
+    route_s: float = 0.0
+    expert_s: float = 0.0
 
     def hit_rate(self) -> float:
         total = self.hits + self.misses
@@ -168,74 +182,88 @@ class ExpertCache:
     def acquire(self, layer: int, experts: Iterable[int]) -> np.ndarray:
         """Pin the experts of ``layer`` in the cache, loading the missing ones; returns their
         cache slots in the order given. Blocks until every miss has arrived."""
-        slots = []
-        todo = []
+        p = self.begin(layer, experts)
+        self.finish(p)
+        return p.slots
+
+    def begin(self, layer: int, experts: Iterable[int]) -> Pending:
+        """Pin the experts and start loading the missing ones without waiting for them."""
+        slots, hit, todo = [], [], []
         try:
             for e in experts:
                 slot, status = self.table.acquire((layer, int(e)))
                 slots.append(slot)
+                hit.append(status == "hit")
                 if status == "miss":
                     todo.append((slot, self.table.generation(slot), layer, int(e)))
-                elif status == "hit":
-                    self.stats.hits += 1
-                else:  # "wait": a load started by someone else; not used by one coordinator
-                    raise RuntimeError("merged wait is not expected in a single coordinator")
-            if todo:
-                self.stats.misses += len(todo)
-                self._load(todo)
+                elif status == "wait":  # only one coordinator loads: a LOADING slot is ours
+                    raise RuntimeError(f"expert {layer}/{e} is already loading")
         except BaseException:
-            for s in slots:
-                self.table.release(s)
+            self.release(slots)
             raise
         self.stats.calls += 1
-        return np.asarray(slots, dtype=np.int32)
+        self.stats.hits += len(slots) - len(todo)
+        self.stats.misses += len(todo)
+        p = Pending(np.asarray(slots, dtype=np.int32), np.asarray(hit, dtype=bool),
+                    list(reversed(todo)))
+        self._submit(p)
+        return p
+
+    def finish(self, p: Pending) -> None:
+        """Wait for every load of ``p``; on failure unpin everything and raise ``LoadError``."""
+        t0 = time.perf_counter()
+        deadline = t0 + self.load_timeout_s
+        try:
+            while p.todo or p.inflight:
+                self._submit(p)
+                if p.error is not None and not p.inflight:
+                    break
+                done = self.loader.poll(max(0.0, deadline - time.perf_counter()))
+                if not done and time.perf_counter() >= deadline:
+                    raise LoadError(f"timed out after {self.load_timeout_s:.0f}s waiting for "
+                                    f"{len(p.inflight)} expert loads (setting load_timeout_s)")
+                for c in done:
+                    self._complete(p, c)
+            for slot, gen, _layer, _e in p.todo:  # never submitted after an error
+                self.table.failed(slot, gen)
+            p.todo = []
+        except BaseException:
+            self.release(p.slots)
+            raise
+        finally:
+            self.stats.io_wait_s += time.perf_counter() - t0
+        if p.error is not None:
+            self.release(p.slots)
+            raise LoadError(p.error)
 
     def release(self, slots: Iterable[int]) -> None:
         for s in slots:
             self.table.release(int(s))
 
-    def _load(self, todo: list[tuple[int, int, int, int]]) -> None:
-        pending = list(reversed(todo))
-        inflight: dict[int, tuple[int, int, int, int, int]] = {}  # req -> (stage, slot, gen, l, e)
-        t0 = time.perf_counter()
-        deadline = t0 + self.load_timeout_s
-        error: str | None = None
-        while pending or inflight:
-            while pending and self._staging_free and error is None:
-                slot, gen, layer, e = pending.pop()
-                stage = self._staging_free.pop()
-                req = self.loader.submit(stage, self.store.extents(layer, e),
-                                         self.store.checksum(layer, e))
-                inflight[req] = (stage, slot, gen, layer, e)
-            if error is not None and not inflight:
-                break
-            done = self.loader.poll(max(0.0, deadline - time.perf_counter()))
-            if not done and time.perf_counter() >= deadline:
-                raise LoadError(f"timed out after {self.load_timeout_s:.0f}s waiting for "
-                                f"{len(inflight)} expert loads (setting load_timeout_s)")
-            for c in done:
-                entry = inflight.pop(c.req, None)
-                if entry is None:
-                    continue
-                stage, slot, gen, layer, e = entry
-                if c.ok and error is None:
-                    t1 = time.perf_counter()
-                    self._fill(slot, stage)
-                    self.stats.copy_s += time.perf_counter() - t1
-                    self.stats.bytes_read += c.nbytes
-                    self.table.loaded(slot, gen)
-                else:
-                    self.table.failed(slot, gen)
-                    if error is None:
-                        error = (c.error if not c.ok else None)
-                        if error:
-                            error = f"layer {layer} expert {e}: {error}"
-                self._staging_free.append(stage)
-        for slot, gen, _layer, _e in pending:
+    def _submit(self, p: Pending) -> None:
+        while p.todo and self._staging_free and p.error is None:
+            slot, gen, layer, e = p.todo.pop()
+            stage = self._staging_free.pop()
+            req = self.loader.submit(stage, self.store.extents(layer, e),
+                                     self.store.checksum(layer, e))
+            p.inflight[req] = (stage, slot, gen, layer, e)
+
+    def _complete(self, p: Pending, c) -> None:
+        entry = p.inflight.pop(c.req, None)
+        if entry is None:
+            return
+        stage, slot, gen, layer, e = entry
+        if c.ok and p.error is None:
+            t1 = time.perf_counter()
+            self._fill(slot, stage)
+            self.stats.copy_s += time.perf_counter() - t1
+            self.stats.bytes_read += c.nbytes
+            self.table.loaded(slot, gen)
+        else:
             self.table.failed(slot, gen)
-        self.stats.io_wait_s += time.perf_counter() - t0
-        if error is not None:
-            raise LoadError(error)
+            if not c.ok and p.error is None:
+                p.error = f"layer {layer} expert {e}: {c.error}"
+        self._staging_free.append(stage)
 
     def _fill(self, slot: int, stage: int) -> None:
         src = self._staging_views[stage]

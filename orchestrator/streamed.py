@@ -9,6 +9,7 @@ expert ids to cache slots and hands the slot ids to mlx-lm's code as the expert 
 from __future__ import annotations
 
 import re
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,6 +23,7 @@ from mlx_lm.models.switch_layers import (
 )
 
 BANK_TYPES = (SwitchGLU, SwitchMLP)
+SORT_MIN = 64  # mlx-lm's banks sort the pairs by expert from this many on
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -66,33 +68,71 @@ class StreamedBank:
         self.num_experts = cache.store.num_experts
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        st = self.cache.stats
+        t0 = time.perf_counter()
         ids = np.array(indices)  # the one host sync per MoE layer: routing decides the loads
+        st.route_s += time.perf_counter() - t0
         experts = np.unique(ids)
         if experts.size and (experts[0] < 0 or experts[-1] >= self.num_experts):
             raise ValueError(f"layer {self.layer}: router chose expert {experts[-1]}, "
                              f"model has {self.num_experts}")
         cap = self.cache.nslots
-        if experts.size <= cap:
-            return self._run(x, ids, experts, None)
-        # More distinct experts than cache slots (long prefill on a small budget): compute
-        # the rows of one group of experts at a time and add the disjoint results.
-        out = None
-        for start in range(0, experts.size, cap):
-            group = experts[start:start + cap]
-            part = self._run(x, ids, group, np.isin(ids, group))
-            mx.eval(part)  # the next group may evict these slots
-            out = part if out is None else out + part
-        return out
-
-    def _run(self, x, ids, experts, mask):
-        slots = self.cache.acquire(self.layer, experts)
+        if experts.size > cap:
+            # More distinct experts than cache slots (long prefill on a small budget): compute
+            # the rows of one group of experts at a time and add the disjoint results.
+            out = None
+            for start in range(0, experts.size, cap):
+                group = experts[start:start + cap]
+                part = self._grouped(x, ids, group)
+                mx.eval(part)  # the next group may evict these slots
+                out = part if out is None else out + part
+            return out
+        p = self.cache.begin(self.layer, experts)
         try:
             remap = np.zeros(self.num_experts, dtype=np.uint32)
-            remap[experts] = slots
-            out = self.inner(x, mx.array(remap[ids]))
-            if mask is not None:
-                out = mx.where(mx.array(mask)[..., None], out, mx.zeros_like(out))
+            remap[experts] = p.slots
+            if ids.size < SORT_MIN and p.hit.any() and not p.hit.all():
+                out = self._hits_first(x, ids, experts[p.hit], remap, p)
+            else:
+                self.cache.finish(p)
+                out = self.inner(x, mx.array(remap[ids]))
+            if st.profile:
+                t1 = time.perf_counter()
+                mx.eval(out)
+                st.expert_s += time.perf_counter() - t1
             return out
+        finally:
+            self.cache.release(p.slots)
+
+    def _hits_first(self, x, ids, hits, remap, p):
+        """Compute the (token, expert) pairs whose experts are cached while the misses load,
+        then the rest. mlx-lm's unsorted path computes every pair on its own, so splitting
+        the pairs changes no result bit."""
+        flat = ids.reshape(-1)
+        k = ids.shape[-1]
+        is_hit = np.isin(flat, hits)
+        order = np.concatenate([np.flatnonzero(is_hit), np.flatnonzero(~is_hit)])
+        xs = x.reshape(-1, x.shape[-1])
+        n_hit = int(is_hit.sum())
+
+        def part(pairs):
+            return self.inner(xs[mx.array(pairs // k)], mx.array(remap[flat[pairs]][:, None]))
+
+        first = part(order[:n_hit])
+        mx.async_eval(first)
+        self.cache.finish(p)
+        second = part(order[n_hit:])
+        both = mx.concatenate([first, second])[mx.array(np.argsort(order))]
+        return both.reshape(*ids.shape, x.shape[-1])
+
+    def _grouped(self, x, ids, group):
+        slots = self.cache.acquire(self.layer, group)
+        try:
+            remap = np.zeros(self.num_experts, dtype=np.uint32)
+            remap[group] = slots
+            out = self.inner(x, mx.array(remap[ids]))
+            mask = mx.array(np.isin(ids, group))[..., None]
+            return mx.where(mask, out, mx.zeros_like(out))
         finally:
             self.cache.release(slots)
 

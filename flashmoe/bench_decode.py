@@ -1,0 +1,274 @@
+"""``flashmoe bench decode``: streamed decode against mlx-lm with the whole model in memory.
+
+Both sides run the same prompt (random token ids, seeded), the same dtype and greedy sampling, in
+one invocation. With ``--cgroup-cap SIZE`` (root, cgroup v1) the streamed side runs in a child
+process inside a fresh memory cgroup that caps its whole process tree, page cache and shared
+memory included, so experts really come from the disk; the baseline then runs uncapped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flashmoe.configs import format_size, parse_size
+from flashmoe.errors import FlashMoeError
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
+    # Stay clear of the special tokens at the top of the vocabulary.
+    return np.random.RandomState(seed).randint(0, max(2, vocab - 64), size=n).tolist()
+
+
+def _vocab(config: dict) -> int:
+    return int(config.get("text_config", config)["vocab_size"])
+
+
+def streamed_side(a: dict) -> dict:
+    """Run the streamed model: one stream, then each concurrent-stream count."""
+    from flashmoe.orchestrator.engine import Engine, GenRequest
+
+    t0 = time.perf_counter()
+    eng = Engine(a["model"], memory_budget=a["budget"], workers=a.get("workers"),
+                 io_threads=a.get("threads"), dtype=a["dtype"],
+                 experts_per_token=a.get("experts_per_token"), max_batch=max(a["streams"]))
+    out = {"load_s": time.perf_counter() - t0}
+    try:
+        vocab = _vocab(eng.store.config)
+        prompt = prompt_ids(vocab, a["prompt_tokens"])
+        req = GenRequest(id="bench", prompt=prompt, max_tokens=a["tokens"])
+        st = eng.cache.stats
+        st.profile = a.get("profile", False)
+        after_first = None
+        for chunk in eng.generate(req):
+            if after_first is None:
+                after_first = eng.snapshot()
+                parts0 = (st.route_s, st.io_wait_s - st.copy_s, st.copy_s, st.expert_s)
+                t_first = time.perf_counter()
+            stats = chunk.stats or {}
+        decode_s = time.perf_counter() - t_first
+        parts1 = (st.route_s, st.io_wait_s - st.copy_s, st.copy_s, st.expert_s)
+        decoded = max(stats["generation_tokens"] - 1, 1)
+        decode_bytes = eng.cache.stats.bytes_read - after_first[2]
+        out.update(
+            decode_tokens_per_s=stats["decode_tokens_per_s"],
+            prefill_tokens_per_s=stats["prefill_tokens_per_s"],
+            hit_rate=stats["expert_hit_rate"],
+            decode_hit_rate=_hit(eng.snapshot(), after_first),
+            bytes_per_token=decode_bytes / decoded,
+            prefill_bytes=after_first[2],
+            io_wait_s=stats["io_wait_s"],
+            copy_s=stats["copy_s"],
+            pool_bytes=stats["pool_bytes"],
+            dense_bytes=stats["dense_bytes"],
+            peak_rss_bytes=stats["peak_rss_bytes"],
+            profile=_per_token(parts0, parts1, decode_s, decoded) if st.profile else None,
+        )
+        out["aggregate"] = {}
+        for n in a["streams"]:
+            if n > 1:
+                out["aggregate"][str(n)] = _concurrent(eng, n, vocab, a)
+        out["aggregate"]["1"] = out["decode_tokens_per_s"]
+    finally:
+        eng.close()
+    return out
+
+
+def _per_token(before: tuple, after: tuple, wall: float, tokens: int) -> dict:
+    names = ("dense_and_routing", "io_wait", "copy_in", "expert_compute")
+    out = {n: (b - a) / tokens for n, a, b in zip(names, before, after, strict=True)}
+    out["other"] = wall / tokens - sum(out.values())
+    out["total"] = wall / tokens
+    return out
+
+
+def _hit(now: tuple, then: tuple) -> float:
+    h, m = now[0] - then[0], now[1] - then[1]
+    return h / (h + m) if h + m else 1.0
+
+
+def _concurrent(eng, n: int, vocab: int, a: dict) -> float:
+    """Aggregate decode tokens/s of ``n`` requests stepping together on the engine thread."""
+    import threading
+
+    from flashmoe.orchestrator.engine import GenRequest
+
+    eng.start()
+    done = threading.Event()
+    firsts: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    ends: dict[str, float] = {}
+
+    def on_chunk(c):
+        now = time.perf_counter()
+        if c.token_ids:
+            firsts.setdefault(c.id, now)
+            counts[c.id] = counts.get(c.id, 0) + len(c.token_ids)
+        if c.finish_reason:
+            ends[c.id] = now
+            if len(ends) == n:
+                done.set()
+
+    for i in range(n):
+        eng.submit(GenRequest(id=f"s{n}-{i}", prompt=prompt_ids(vocab, a["prompt_tokens"], i + 1),
+                              max_tokens=a["tokens"]), on_chunk)
+    if not done.wait(timeout=3600):
+        raise FlashMoeError(f"{n} concurrent streams did not finish within an hour")
+    start = max(firsts.values())  # every stream has prefilled: from here all decode together
+    tokens = sum(max(c - 1, 0) for c in counts.values())
+    return tokens / max(max(ends.values()) - start, 1e-9)
+
+
+def baseline_side(a: dict) -> dict:
+    """mlx-lm with the whole model in memory: decode and prefill tokens/s."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    from flashmoe.orchestrator.engine import _DTYPES, resolve_dtype
+
+    t0 = time.perf_counter()
+    model, tok, config = load(a["model"], lazy=True, return_config=True,
+                              model_config=_k_override(config_of(a["model"]), a))
+    dtype = resolve_dtype(a["dtype"], config) if a["dtype"] == "auto" else _DTYPES[a["dtype"]]
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    load_s = time.perf_counter() - t0
+    prompt = mx.array(prompt_ids(_vocab(config), a["prompt_tokens"]))
+    t0 = time.perf_counter()
+    t_first = None
+    n = 0
+    for _token, _ in generate_step(prompt, model, max_tokens=a["tokens"]):
+        if t_first is None:
+            t_first = time.perf_counter()
+        n += 1
+    t_end = time.perf_counter()
+    return {"load_s": load_s,
+            "decode_tokens_per_s": (n - 1) / max(t_end - t_first, 1e-9),
+            "prefill_tokens_per_s": a["prompt_tokens"] / max(t_first - t0, 1e-9)}
+
+
+def config_of(model: str) -> dict:
+    from flashmoe.store import open_store
+
+    return open_store(model).config
+
+
+def _k_override(config: dict, a: dict) -> dict | None:
+    from flashmoe.orchestrator.engine import _config_override
+
+    return _config_override(config, a.get("experts_per_token"))
+
+
+def _child(side: str, a: dict, cap: int | None) -> dict:
+    """Run one side in a child process (inside a fresh memory cgroup when ``cap`` is set)."""
+    cg = None
+    if cap is not None:
+        if os.geteuid() != 0 or not CGROUP_ROOT.is_dir():
+            raise FlashMoeError("--cgroup-cap needs root and cgroup v1 at /sys/fs/cgroup/memory")
+        cg = CGROUP_ROOT / f"flashmoe-bench-{os.getpid()}"
+        cg.mkdir(exist_ok=True)
+        (cg / "memory.limit_in_bytes").write_text(str(cap))
+
+    def enter():
+        if cg is not None:
+            (cg / "cgroup.procs").write_text(str(os.getpid()))
+
+    try:
+        p = subprocess.run([sys.executable, "-m", "flashmoe.bench_decode", side, json.dumps(a)],
+                           capture_output=True, text=True, preexec_fn=enter)
+        peak = int((cg / "memory.max_usage_in_bytes").read_text()) if cg else None
+    finally:
+        if cg is not None:
+            try:
+                cg.rmdir()
+            except OSError:
+                pass
+    if p.returncode != 0:
+        raise FlashMoeError(f"{side} side failed (exit {p.returncode}): "
+                            f"{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    if peak is not None:
+        out["cgroup_cap_bytes"] = cap
+        out["cgroup_peak_bytes"] = peak
+    return out
+
+
+def disk_gbps(model: str, seconds: float = 3.0) -> float:
+    """The loaders' O_DIRECT random-read throughput on this store (cold)."""
+    from flashmoe.bench_io import _keys, measure
+    from flashmoe.store import open_store
+
+    store = open_store(model)
+    r = measure(store, workers=2, threads=8, direct=True, seconds=seconds,
+                keys=_keys(store, None), cold=True)
+    return r["gb_per_s"]
+
+
+def run_decode_bench(args) -> int:
+    streams = sorted({1, args.streams} | ({2, 4} if args.streams >= 4 else set()))
+    a = dict(model=args.model, budget=args.memory_budget or "4GiB", workers=args.workers,
+             threads=args.io_threads, dtype=args.dtype or "auto", tokens=args.tokens,
+             prompt_tokens=args.prompt_tokens, streams=streams,
+             experts_per_token=args.experts_per_token, profile=True)
+    cap = parse_size(args.cgroup_cap) if args.cgroup_cap else None
+    gbps = disk_gbps(args.model)
+    s = _child("streamed", a, cap) if cap else streamed_side(a)
+    result = {
+        "model": args.model,
+        "memory_budget": parse_size(a["budget"]),
+        "dtype": a["dtype"],
+        "prompt_tokens": args.prompt_tokens,
+        "tokens": args.tokens,
+        "decode_tokens_per_s": s["decode_tokens_per_s"],
+        "prefill_tokens_per_s": s["prefill_tokens_per_s"],
+        "hit_rate": s["hit_rate"],
+        "decode_hit_rate": s["decode_hit_rate"],
+        "bytes_per_token": s["bytes_per_token"],
+        "disk_gb_per_s": gbps,
+        "io_floor_tokens_per_s": gbps * 1e9 / s["bytes_per_token"] if s["bytes_per_token"]
+        else None,
+        "aggregate_tokens_per_s": s["aggregate"],
+        "streamed": s,
+    }
+    if args.baseline:
+        b = _child("baseline", a, None)
+        result.update(baseline_decode_tokens_per_s=b["decode_tokens_per_s"],
+                      baseline_prefill_tokens_per_s=b["prefill_tokens_per_s"],
+                      ratio=s["decode_tokens_per_s"] / b["decode_tokens_per_s"],
+                      prefill_ratio=s["prefill_tokens_per_s"] / b["prefill_tokens_per_s"],
+                      baseline=b)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"streamed: decode {result['decode_tokens_per_s']:.3f} tok/s, prefill "
+          f"{result['prefill_tokens_per_s']:.2f} tok/s, hit rate {result['hit_rate']:.1%} "
+          f"(decode {result['decode_hit_rate']:.1%}), {format_size(int(s['bytes_per_token']))}"
+          f"/token, pool {format_size(s['pool_bytes'])}, peak RSS "
+          f"{format_size(s['peak_rss_bytes'])}")
+    if cap:
+        print(f"cgroup cap {format_size(cap)}, peak use {format_size(s['cgroup_peak_bytes'])}")
+    print(f"disk {gbps:.2f} GB/s -> I/O floor {result['io_floor_tokens_per_s'] or 0:.2f} tok/s")
+    print("aggregate decode tok/s by streams: " + ", ".join(
+        f"{k}: {v:.3f}" for k, v in sorted(s["aggregate"].items(), key=lambda kv: int(kv[0]))))
+    if args.baseline:
+        print(f"in memory (mlx-lm): decode {result['baseline_decode_tokens_per_s']:.3f} tok/s, "
+              f"prefill {result['baseline_prefill_tokens_per_s']:.2f} tok/s; ratio "
+              f"{result['ratio']:.3f} decode, {result['prefill_ratio']:.3f} prefill")
+    if s.get("profile"):
+        print("time per token (s): " + ", ".join(f"{k} {v:.4f}" for k, v in s["profile"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    side, payload = sys.argv[1], json.loads(sys.argv[2])
+    result = streamed_side(payload) if side == "streamed" else baseline_side(payload)
+    print(json.dumps(result))
