@@ -142,6 +142,12 @@ def test_cli_generate(daemon: Daemon, reference: dict, capsys: pytest.CaptureFix
     assert "top_p" in capsys.readouterr().err
 
 
+def test_socket_from_environment(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASHMOE_SOCKET", str(daemon.socket))
+    with Client(timeout=10) as c:
+        assert c.status()["pid"] == daemon.proc.pid
+
+
 def test_cli_no_daemon(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["generate", "hi", "--socket", str(tmp_path / "none.sock")]) == 2
     assert "error: no flashmoe-daemon" in capsys.readouterr().err

@@ -8,6 +8,7 @@ hangs it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -209,6 +210,14 @@ def test_status(daemon: Daemon, reference: dict) -> None:
         timeout=30,
     )
     assert out.returncode == 0 and f"pid {daemon.proc.pid}" in out.stdout
+    out = subprocess.run(
+        [*DAEMON, "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "FLASHMOE_SOCKET": str(daemon.socket)},
+    )
+    assert out.returncode == 0 and json.loads(out.stdout)["pid"] == daemon.proc.pid
 
 
 def test_eight_concurrent_clients(daemon: Daemon, reference: dict) -> None:
