@@ -147,7 +147,7 @@ class ExpertCache:
     """
 
     def __init__(self, layout: RecordLayout, plan: PoolPlan, compute: mx.Dtype, loader, pool,
-                 store, load_timeout_s: float = 60.0):
+                 store, load_timeout_s: float = 60.0, copier=None):
         self.layout = layout
         self.plan = plan
         self.compute = compute
@@ -155,6 +155,8 @@ class ExpertCache:
         self.pool = pool
         self.store = store
         self.load_timeout_s = load_timeout_s
+        # Optional device copier (``fill(slot, stage)``) replacing the host copy on a GPU.
+        self.copier = copier
         self.table = SlotTable(plan.cache_slots)
         self.stats = CacheStats()
         self.arrays: dict[str, mx.array] = {}
@@ -266,6 +268,9 @@ class ExpertCache:
         self._staging_free.append(stage)
 
     def _fill(self, slot: int, stage: int) -> None:
+        if self.copier is not None:
+            self.copier.fill(slot, stage)  # synchronous: the staging slot is free afterwards
+            return
         src = self._staging_views[stage]
         for t in self.layout.tensors:
             _copy_convert(self._host[t.name][slot], src[t.name], t.dtype)
