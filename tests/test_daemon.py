@@ -91,8 +91,8 @@ class Daemon:
     """A ``start --foreground`` daemon subprocess on a private socket."""
 
     def __init__(self, model: Path, *extra: str, sock: Path | None = None):
-        self.dir = short_dir()
-        self.socket = sock or self.dir / "d.sock"
+        self.socket = sock or short_dir() / "d.sock"
+        self.dir = self.socket.parent
         self.paths = daemon_paths(self.socket)
         self.stderr = open(self.dir / "stderr", "wb")
         cmd = [
