@@ -51,10 +51,15 @@ def streamed_side(a: dict) -> dict:
         for chunk in eng.generate(req):
             if after_first is None:
                 after_first = eng.snapshot()
+                st.trace = [] if a.get("trace_out") else None
                 parts0 = (st.route_s, st.io_wait_s - st.copy_s, st.copy_s, st.expert_s)
                 t_first = time.perf_counter()
             stats = chunk.stats or {}
         decode_s = time.perf_counter() - t_first
+        if st.trace is not None:
+            with open(a["trace_out"], "w") as f:
+                for layer, experts in st.trace:
+                    f.write(json.dumps({"layer": layer, "experts": experts}) + "\n")
         parts1 = (st.route_s, st.io_wait_s - st.copy_s, st.copy_s, st.expert_s)
         decoded = max(stats["generation_tokens"] - 1, 1)
         decode_bytes = eng.cache.stats.bytes_read - after_first[2]
@@ -218,7 +223,8 @@ def run_decode_bench(args) -> int:
     a = dict(model=args.model, budget=args.memory_budget or "4GiB", workers=args.workers,
              threads=args.io_threads, dtype=args.dtype or "auto", tokens=args.tokens,
              prompt_tokens=args.prompt_tokens, streams=streams,
-             experts_per_token=args.experts_per_token, profile=True)
+             experts_per_token=args.experts_per_token, profile=True,
+             trace_out=os.path.abspath(args.trace_out) if args.trace_out else None)
     cap = parse_size(args.cgroup_cap) if args.cgroup_cap else None
     gbps = disk_gbps(args.model)
     s = _child("streamed", a, cap) if cap else streamed_side(a)

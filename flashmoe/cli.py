@@ -22,7 +22,8 @@ COMMANDS = {
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint or packed store directory")
-    p.add_argument("--memory-budget", help="expert pool size: bytes, 512MiB, 2GiB, 4G (default: auto)")
+    p.add_argument("--memory-budget",
+                   help="expert pool size: bytes, 512MiB, 2GiB, 4G (default: auto)")
     p.add_argument("--workers", type=int, help="loader worker processes")
     p.add_argument("--threads", type=int, dest="io_threads", help="I/O threads per worker")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--streams", type=int, default=1, help="concurrent sequences")
     b.add_argument("--baseline", action="store_true")
     b.add_argument("--cgroup-cap", help="run the streamed side under a memory cgroup of SIZE")
+    b.add_argument("--trace-out", help="write the decode routing trace (JSON lines) here")
     b.add_argument("--json", action="store_true")
 
     for name in ("generate", "chat"):

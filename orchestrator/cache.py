@@ -104,6 +104,7 @@ class CacheStats:
     # Set by benchmarks: the banks then also time routing and expert compute (an extra sync).
     profile: bool = False
     route_s: float = 0.0
+    trace: list | None = None  # (layer, experts) per bank call, when a benchmark records it
     expert_s: float = 0.0
 
     def hit_rate(self) -> float:

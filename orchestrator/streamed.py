@@ -73,6 +73,8 @@ class StreamedBank:
         ids = np.array(indices)  # the one host sync per MoE layer: routing decides the loads
         st.route_s += time.perf_counter() - t0
         experts = np.unique(ids)
+        if st.trace is not None:
+            st.trace.append((self.layer, experts.tolist()))
         if experts.size and (experts[0] < 0 or experts[-1] >= self.num_experts):
             raise ValueError(f"layer {self.layer}: router chose expert {experts[-1]}, "
                              f"model has {self.num_experts}")
