@@ -131,7 +131,8 @@ class LoaderPool:
         self._last_supervise = time.monotonic()
         self._workers: list[_Worker] = []
         try:
-            self._workers = [self._spawn(i) for i in range(workers)]
+            for i in range(workers):
+                self._workers.append(self._spawn(i))
             self._wait_ready(self._workers)
         except BaseException:
             self.close()
@@ -170,7 +171,7 @@ class LoaderPool:
         return out
 
     def inflight(self) -> int:
-        """Requests submitted and not yet returned by ``poll``."""
+        """Requests submitted and not yet completed."""
         return len(self._requests)
 
     def workers_info(self) -> list[dict]:

@@ -6,13 +6,16 @@ Started by the coordinator as a subprocess (never a fork of it: it holds MLX sta
         --slot-bytes B --threads T --worker-id K
 
 Its DEALER connects to the coordinator's ROUTER and says ``Hello``, then serves ``LoadRequest``s.
-Each request is cut into pieces of at most ``--chunk-bytes`` that T I/O threads read with
-``os.preadv`` (which releases the GIL) straight into the slot: O_DIRECT (``F_NOCACHE`` on macOS)
-where the request asks for it and offset, length and destination are 4 KiB aligned, buffered
-otherwise. The last piece to finish checks the crc32 and queues the reply; the main thread sends
-it on its own DEALER (a zmq socket belongs to one thread; identity ``<worker id>:<thread>``), so
-a reply costs no hop back through the main thread. The worker keeps no state worth saving: it can
-be killed at any time, and exits by itself when its parent dies.
+T I/O threads read with ``os.preadv`` (which releases the GIL) straight into the slot: O_DIRECT
+(``F_NOCACHE`` on macOS) where the request asks for it and offset, length and destination are
+4 KiB aligned, buffered otherwise. A request that arrives while the threads are idle is cut into
+``--chunk-bytes`` pieces that they share; one that arrives while they are busy is read in whole
+extents (fewer, larger reads). The thread that finishes a request's last piece checks the crc32
+and sends the reply on its own DEALER (a zmq socket belongs to one thread; identity
+``<worker id>:<thread>``), so a reply costs no hop back through the main thread.
+
+The worker keeps no state worth saving: it can be killed at any time, and exits by itself when
+its parent dies.
 """
 
 from __future__ import annotations
@@ -133,7 +136,8 @@ class Loader:
         try:
             if not 0 <= req.slot < self.pool.nslots:
                 raise ValueError(f"slot {req.slot} out of range (pool has {self.pool.nslots})")
-            pieces = plan(req.extents, self.pool.slot_bytes, req.direct, self.chunk)
+            chunk = self.chunk if self.tasks.empty() else 0
+            pieces = plan(req.extents, self.pool.slot_bytes, req.direct, chunk)
         except ValueError as e:
             self._reply(_Job(req, t0, 0, 0), str(e))
             return
