@@ -54,6 +54,7 @@ class Settings:
     io_mode: str = "auto"
     dtype: str = "auto"
     slot_align: int = 16384
+    prefetch: bool = False
     load_timeout_s: float = 30.0
     worker_start_timeout_s: float = 30.0
     socket: str = ""
@@ -81,7 +82,10 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
         if f.name in data:
             default = getattr(Settings, f.name)
             try:
-                out[f.name] = type(default)(data[f.name])
+                value = data[f.name]
+                if isinstance(default, bool) and isinstance(value, str):
+                    value = value.lower() in ("1", "true", "yes", "on")
+                out[f.name] = type(default)(value)
             except ValueError as e:
                 raise ValueError(f"setting {f.name}: {e}") from None
     return Settings(**out)

@@ -65,9 +65,11 @@ class PoolPlan:
 
 
 def plan_pool(budget: int, layout: RecordLayout, compute: mx.Dtype, top_k: int,
-              num_experts: int, parallel_reads: int = 16) -> PoolPlan:
+              num_experts: int, parallel_reads: int = 16,
+              max_slot_array_bytes: int | None = None) -> PoolPlan:
     """Split ``budget`` bytes: at least ``top_k`` cache slots (one layer of one token), and up
-    to ``parallel_reads`` staging slots so the loaders can keep their I/O queues full."""
+    to ``parallel_reads`` staging slots so the loaders can keep their I/O queues full.
+    ``max_slot_array_bytes`` caps the cache slots so that no cache array is larger."""
     rec = cache_record_bytes(layout, compute)
     stage = _roundup(layout.nbytes, RECORD_ALIGN)
     minimum = top_k * rec + stage
@@ -79,6 +81,10 @@ def plan_pool(budget: int, layout: RecordLayout, compute: mx.Dtype, top_k: int,
         )
     nstage = max(1, min(parallel_reads, num_experts, (budget - top_k * rec) // stage // 4))
     ncache = min((budget - nstage * stage) // rec, 0x7FFFFFFF)
+    if max_slot_array_bytes is not None:
+        largest = max(int(np.prod(t.shape)) * cache_dtype(t, compute).size
+                      for t in layout.tensors)
+        ncache = min(ncache, max(top_k, max_slot_array_bytes // largest))
     return PoolPlan(int(ncache), int(nstage), rec, stage)
 
 
@@ -104,6 +110,7 @@ class CacheStats:
     # Set by benchmarks: the banks then also time routing and expert compute (an extra sync).
     profile: bool = False
     route_s: float = 0.0
+    prefetched: int = 0
     trace: list | None = None  # (layer, experts) per bank call, when a benchmark records it
     expert_s: float = 0.0
 
@@ -167,10 +174,13 @@ class ExpertCache:
             self.arrays[t.name] = a
         self._host = {}
         for name, a in self.arrays.items():
-            view = np.array(a, copy=False)
+            # numpy has no bfloat16: view its bits as uint16 (the same buffer)
+            view = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
             if not view.flags.writeable or not view.flags.c_contiguous:
                 raise RuntimeError("MLX did not expose a writable contiguous cache buffer")
             self._host[name] = view
+        self._owner: dict[int, Pending] = {}  # request id -> the Pending it belongs to
+        self._prefetch: Pending | None = None
         self._staging_free = list(range(plan.staging_slots))
         self._staging_views = [_record_views(pool.slot(i), layout)
                                for i in range(plan.staging_slots)]
@@ -191,6 +201,7 @@ class ExpertCache:
 
     def begin(self, layer: int, experts: Iterable[int]) -> Pending:
         """Pin the experts and start loading the missing ones without waiting for them."""
+        self._settle_prefetch()
         slots, hit, todo = [], [], []
         try:
             for e in experts:
@@ -202,6 +213,8 @@ class ExpertCache:
                 elif status == "wait":  # only one coordinator loads: a LOADING slot is ours
                     raise RuntimeError(f"expert {layer}/{e} is already loading")
         except BaseException:
+            for slot, gen, _layer, _e in todo:  # allocated but never sent: free them
+                self.table.failed(slot, gen)
             self.release(slots)
             raise
         self.stats.calls += 1
@@ -226,7 +239,7 @@ class ExpertCache:
                     raise LoadError(f"timed out after {self.load_timeout_s:.0f}s waiting for "
                                     f"{len(p.inflight)} expert loads (setting load_timeout_s)")
                 for c in done:
-                    self._complete(p, c)
+                    self._complete(c)
             for slot, gen, _layer, _e in p.todo:  # never submitted after an error
                 self.table.failed(slot, gen)
             p.todo = []
@@ -239,6 +252,33 @@ class ExpertCache:
             self.release(p.slots)
             raise LoadError(p.error)
 
+    def prefetch(self, layer: int, experts: Iterable[int]) -> int:
+        """Start loading predicted experts of a coming layer (those not cached yet); the next
+        ``begin`` settles them first. Returns how many loads were started."""
+        self._settle_prefetch()
+        want = [int(e) for e in experts if self.table.lookup((layer, int(e))) is None]
+        if not want:
+            return 0
+        try:
+            self._prefetch = self.begin(layer, want)
+        except BudgetError:  # no free slot for a guess: skip it
+            self._prefetch = None
+            return 0
+        self.stats.prefetched += len(self._prefetch.todo) + len(self._prefetch.inflight)
+        self.stats.misses -= len(want)  # guesses are not misses of the computation
+        self.stats.calls -= 1
+        return len(want)
+
+    def _settle_prefetch(self) -> None:
+        p, self._prefetch = self._prefetch, None
+        if p is None:
+            return
+        try:
+            self.finish(p)
+        except LoadError:
+            return  # finish released the pins; the real request will load or report it
+        self.release(p.slots)
+
     def release(self, slots: Iterable[int]) -> None:
         for s in slots:
             self.table.release(int(s))
@@ -250,11 +290,13 @@ class ExpertCache:
             req = self.loader.submit(stage, self.store.extents(layer, e),
                                      self.store.checksum(layer, e))
             p.inflight[req] = (stage, slot, gen, layer, e)
+            self._owner[req] = p
 
-    def _complete(self, p: Pending, c) -> None:
-        entry = p.inflight.pop(c.req, None)
-        if entry is None:
+    def _complete(self, c) -> None:
+        p = self._owner.pop(c.req, None)
+        if p is None:
             return
+        entry = p.inflight.pop(c.req)
         stage, slot, gen, layer, e = entry
         if c.ok and p.error is None:
             t1 = time.perf_counter()

@@ -100,6 +100,30 @@ def plain(obj: Any) -> Any:
     return str(obj)
 
 
+GREEDY_BELOW = 1e-6  # a temperature this small is greedy; 1/T would overflow the logits
+
+
+def check(engine: Any, req: Any) -> None:
+    """``engine.validate(req)`` plus what a request must not reach the engine thread with.
+
+    Every refusal is a ``ValueError`` (so the client gets ``invalid_request``): a chat template
+    or tokenizer that trips on odd input raises its own types. An empty prompt would make the
+    batch generator raise outside its step and end the engine thread; a temperature below
+    ``GREEDY_BELOW`` would sample from non-finite logits, so it becomes greedy, its limit.
+    """
+    try:
+        engine.validate(req)
+        empty = isinstance(req.prompt, str) and not engine.encode(req)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot read the request: {type(e).__name__}: {e}") from None
+    if empty:
+        raise ValueError("the prompt encodes to no tokens: nothing to generate from")
+    if req.temperature < GREEDY_BELOW:
+        req.temperature = 0.0
+
+
 def new_request(**fields: Any) -> Any:
     """An engine ``GenRequest`` (imported here so that ``status``/``stop`` never load MLX)."""
     from flashmoe.orchestrator.engine import GenRequest
@@ -137,7 +161,7 @@ class Service:
         if not self.accepting:
             raise ServiceStopping("flashmoe-daemon is stopping")
         with self._validate_lock:  # the front and the HTTP thread share one tokenizer
-            self.engine.validate(req)
+            check(self.engine, req)
 
         def relay(chunk: Any) -> None:
             with self._lock:
@@ -395,6 +419,20 @@ def _key(ident: bytes, client_id: str) -> str:
 # -- process management -------------------------------------------------------------------------
 
 
+def remove_stale_sockets() -> list[str]:
+    """Remove the loader sockets (``loaders-<pid>-*.sock``) that dead coordinators left behind."""
+    removed = []
+    for p in sockets.runtime_dir().glob("loaders-*-*.sock"):
+        try:
+            pid = int(p.name.split("-")[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not pid_alive(pid):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
 def _lock_pid_file(paths: DaemonPaths) -> int | None:
     """Take the pid file's exclusive lock (retrying briefly: probes hold it for microseconds)."""
     fd = os.open(paths.pid, os.O_RDWR | os.O_CREAT, 0o600)
@@ -469,6 +507,9 @@ def serve(args: argparse.Namespace, engine_factory: Callable | None = None) -> i
     if paths.socket.exists():
         log.info("removing the stale socket of a dead daemon: %s", paths.socket)
         paths.socket.unlink()
+    stale = remove_stale_sockets()
+    if stale:
+        log.info("removed %d loader socket(s) of dead daemons", len(stale))
     state = {"front": None, "stops": 0}
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -22,6 +22,7 @@ import mlx.nn as nn
 import psutil
 from flashmoe.configs import Settings, load_settings, parse_size
 from flashmoe.orchestrator.cache import ExpertCache, plan_pool
+from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, make_copier, on_cuda
 from flashmoe.orchestrator.loaders import LoaderPool
 from flashmoe.orchestrator.scheduler import Chunk, GenRequest, Scheduler, sampler_for
 from flashmoe.orchestrator.streamed import find_banks, install_streamed_banks
@@ -112,7 +113,8 @@ class Engine:
                   else parse_size(s.memory_budget))
         self.plan = plan_pool(budget, self.store.layout, self.compute_dtype, top_k,
                               self.store.num_experts,
-                              parallel_reads=2 * max(1, s.workers) * max(1, s.io_threads))
+                              parallel_reads=2 * max(1, s.workers) * max(1, s.io_threads),
+                              max_slot_array_bytes=MAX_ARRAY_BYTES if on_cuda() else None)
         self.budget = budget
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -133,10 +135,11 @@ class Engine:
             self.cache = ExpertCache(self.store.layout, self.plan, self.compute_dtype,
                                      self.loader, self.pool, self.store,
                                      load_timeout_s=4 * s.load_timeout_s)
+            self.cache.copier = make_copier(self.cache, self.pool)  # None unless on CUDA
             override = _config_override(self.store.config, experts_per_token)
             self.model, self.config = load_dense(self.store.dense_dir, override)
             self.banks = install_streamed_banks(self.model, self.cache, self.store.quantization,
-                                                self.store.moe_layers)
+                                                self.store.moe_layers, prefetch=s.prefetch)
             self.model.set_dtype(self.compute_dtype)
             params = self.model.parameters()
             mx.eval(params)
@@ -317,6 +320,9 @@ class Engine:
         loader = getattr(self, "loader", None)
         if loader is not None:
             loader.close()
+        copier = getattr(getattr(self, "cache", None), "copier", None)
+        if copier is not None:
+            copier.close()  # unpin the pool's memory before it is unmapped
         self.pool.close()
         self.pool.unlink()
 

@@ -221,6 +221,7 @@ class LoaderPool:
             "--slot-bytes", str(self.pool.slot_bytes),
             "--threads", str(self.threads),
             "--worker-id", str(wid),
+            "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         if self.chunk_bytes is not None:
             cmd += ["--chunk-bytes", str(self.chunk_bytes)]

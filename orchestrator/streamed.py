@@ -66,6 +66,7 @@ class StreamedBank:
             setattr(bank, proj, _linear_from_cache(proj, cache, quant))
         self.inner = bank
         self.num_experts = cache.store.num_experts
+        self.predict_next = None  # (next MoE layer, its router, k) when prefetching is on
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         st = self.cache.stats
@@ -90,6 +91,8 @@ class StreamedBank:
                 out = part if out is None else out + part
             return out
         p = self.cache.begin(self.layer, experts)
+        if self.predict_next is not None and ids.size < SORT_MIN:
+            self._prefetch_next(x)
         try:
             remap = np.zeros(self.num_experts, dtype=np.uint32)
             remap[experts] = p.slots
@@ -105,6 +108,18 @@ class StreamedBank:
             return out
         finally:
             self.cache.release(p.slots)
+
+    def _prefetch_next(self, x):
+        """Guess the next MoE layer's experts by applying its router to this layer's input
+        (the residual stream changes little from one layer to the next) and start loading."""
+        layer, gate, k = self.predict_next
+        g = gate(x)
+        logits = g[1] if isinstance(g, tuple) else g  # some routers return (indices, scores)
+        if isinstance(g, tuple):
+            guess = np.array(g[0]).reshape(-1)
+        else:
+            guess = np.array(mx.argpartition(-logits, k - 1, axis=-1)[..., :k]).reshape(-1)
+        self.cache.prefetch(layer, np.unique(guess))
 
     def _hits_first(self, x, ids, hits, remap, p):
         """Compute the (token, expert) pairs whose experts are cached while the misses load,
@@ -159,8 +174,15 @@ def _parent(model: nn.Module, path: str):
     return obj, last
 
 
+def _router_of(block: nn.Module):
+    """The router of an MoE block and its top-k, where mlx-lm's block exposes them."""
+    gate = block.get("gate") if isinstance(block, dict) else None
+    k = getattr(block, "top_k", None) or getattr(block, "num_experts_per_tok", None)
+    return (gate, int(k)) if gate is not None and k else None
+
+
 def install_streamed_banks(model: nn.Module, cache: ExpertCache, quant: dict | None,
-                           moe_layers: list[int]) -> list[StreamedBank]:
+                           moe_layers: list[int], prefetch: bool = False) -> list[StreamedBank]:
     """Replace every expert bank of ``model`` by a streamed one; their in-memory experts
     (still lazy, never read) are dropped."""
     banks = find_banks(model)
@@ -176,5 +198,11 @@ def install_streamed_banks(model: nn.Module, cache: ExpertCache, quant: dict | N
         if attr in parent:
             del parent[attr]
         object.__setattr__(parent, attr, streamed)
-        out.append(streamed)
-    return out
+        out.append((streamed, parent))
+    out.sort(key=lambda sp: sp[0].layer)
+    if prefetch:
+        for (bank, _), (nxt, nxt_parent) in zip(out, out[1:], strict=False):
+            router = _router_of(nxt_parent)
+            if router is not None:
+                bank.predict_next = (nxt.layer, *router)
+    return [b for b, _ in out]

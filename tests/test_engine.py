@@ -131,3 +131,31 @@ def test_run_cli_json(models):
         [sys.executable, "-m", "flashmoe.cli", "run", "--model", str(path), "--prompt", "x",
          "--memory-budget", "10"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "too small" in bad.stderr
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_prefetch_keeps_tokens_exact(models, arch, monkeypatch):
+    monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
+    path = models[(arch, "mlx")]
+    want = reference_ids(path, PROMPT, N_TOKENS)
+    with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
+        assert any(b.predict_next for b in eng.banks)
+        got = [t for c in eng.generate(GenRequest(id="p", prompt=PROMPT, max_tokens=N_TOKENS))
+               for t in c.token_ids]
+        assert eng.cache.stats.prefetched > 0
+    assert got == want
+
+
+def test_exhausted_pool_leaves_no_stuck_slot(models):
+    path = models[("qwen3_moe", "mlx")]
+    with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
+        cache, held = eng.cache, []
+        with pytest.raises(BudgetError, match="in use"):
+            for layer in eng.store.moe_layers:  # pin whole layers until nothing is left
+                held.append(cache.acquire(layer, range(eng.store.num_experts)))
+        stats = cache.table.stats()
+        assert stats["loading"] == 0
+        for slots in held:
+            cache.release(slots)
+        assert cache.table.stats()["pinned"] == 0
+        cache.release(cache.acquire(eng.store.moe_layers[-1], range(eng.store.num_experts)))
