@@ -305,7 +305,7 @@ class LoaderPool:
         w.held.add(rid)
         msg = LoadRequest(rid, r.generation, r.slot, r.extents, r.checksum, r.direct)
         if not self._send(w, encode(msg)):
-            self._supervise()  # the peer is gone: replace it now, which re-dispatches rid
+            self._replace(w, "dropped its connection")  # re-dispatches rid with what it held
 
     def _send(self, w: _Worker, frames: list[bytes]) -> bool:
         try:

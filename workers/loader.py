@@ -10,9 +10,10 @@ T I/O threads read with ``os.preadv`` (which releases the GIL) straight into the
 (``F_NOCACHE`` on macOS) where the request asks for it and offset, length and destination are
 4 KiB aligned, buffered otherwise. A request that arrives while the threads are idle is cut into
 ``--chunk-bytes`` pieces that they share; one that arrives while they are busy is read in whole
-extents (fewer, larger reads). The thread that finishes a request's last piece checks the crc32
-and sends the reply on its own DEALER (a zmq socket belongs to one thread; identity
-``<worker id>:<thread>``), so a reply costs no hop back through the main thread.
+extents (fewer, larger reads). The thread that finishes a request's last piece sends the reply
+on its own DEALER (a zmq socket belongs to one thread; identity ``<worker id>:<thread>``), so a
+reply costs no hop back through the main thread. A checksummed record goes first to one of
+``max(1, T // 4)`` verify threads, so an I/O thread starts its next read while the crc32 runs.
 
 The worker keeps no state worth saving: it can be killed at any time, and exits by itself when
 its parent dies.
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
@@ -124,10 +126,17 @@ class Loader:
         self._fds: dict[tuple[str, bool], int] = {}
         self._fd_lock = threading.Lock()
         self._no_direct: set[str] = set()  # filesystems that refuse O_DIRECT (tmpfs)
+        # crc32 runs on its own threads so an I/O thread starts its next read at once.
+        self.verify: queue.SimpleQueue = queue.SimpleQueue()
+        nverify = max(1, threads // 4)
         self._threads = [
-            threading.Thread(target=self._run, args=(i,), name=f"io{i}", daemon=True)
+            threading.Thread(target=self._run, args=(i, self._serve), name=f"io{i}", daemon=True)
             for i in range(threads)
+        ] + [
+            threading.Thread(target=self._run, args=(threads + i, self._verify), daemon=True)
+            for i in range(nverify)
         ]
+        self._nio = threads
         for t in self._threads:
             t.start()
 
@@ -149,8 +158,8 @@ class Loader:
             self.tasks.put((job, p))
 
     def close(self, timeout_s: float = 2.0) -> None:
-        for _ in self._threads:
-            self.tasks.put(None)
+        for i in range(len(self._threads)):
+            (self.tasks if i < self._nio else self.verify).put(None)
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -160,11 +169,11 @@ class Loader:
 
     # -- I/O threads ---------------------------------------------------------------------------
 
-    def _run(self, index: int) -> None:
+    def _run(self, index: int, loop: Callable[[], None]) -> None:
         sock = dealer(self.endpoint, identity=f"{self.worker_id}:{index}".encode())
         self._local.send = sock.send_multipart
         try:
-            self._serve()
+            loop()
         finally:
             sock.close(0)
 
@@ -188,7 +197,10 @@ class Loader:
                 job.remaining -= 1
                 last = job.remaining == 0
             if last:
-                self._finish(job)
+                if job.error is None and job.req.checksum is not None:
+                    self.verify.put(job)
+                else:
+                    self._finish(job)
 
     def _fd(self, path: str, direct: bool) -> int:
         key = (path, direct)
@@ -242,6 +254,13 @@ class Loader:
             )
         return True
 
+    def _verify(self) -> None:
+        while True:
+            job = self.verify.get()
+            if job is None:
+                return
+            self._finish(job)
+
     # -- replies -------------------------------------------------------------------------------
 
     def _finish(self, job: _Job) -> None:
@@ -273,8 +292,10 @@ def serve(args: argparse.Namespace) -> int:
     sock = dealer(args.endpoint, identity=str(args.worker_id).encode())
     loader._local.send = sock.send_multipart  # replies for requests refused up front
     sock.send_multipart(encode(Hello(args.worker_id, os.getpid(), __version__)))
-    parent = os.getppid()
-    running = True
+    # The coordinator's pid comes on the command line: one that died while this process was
+    # still starting has already handed it to a reaper, so getppid() alone cannot tell.
+    parent = args.parent_pid or os.getppid()
+    running = os.getppid() == parent
     try:
         while running:
             if sock.poll(200, zmq.POLLIN):
@@ -310,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--worker-id", type=int, required=True)
     ap.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK)
+    ap.add_argument("--parent-pid", type=int, help="the coordinator (default: the parent)")
     args = ap.parse_args(argv)
     # Ctrl-C reaches the whole process group; the coordinator decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
