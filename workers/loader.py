@@ -8,12 +8,13 @@ Started by the coordinator as a subprocess (never a fork of it: it holds MLX sta
 Its DEALER connects to the coordinator's ROUTER and says ``Hello``, then serves ``LoadRequest``s.
 T I/O threads read with ``os.preadv`` (which releases the GIL) straight into the slot: O_DIRECT
 (``F_NOCACHE`` on macOS) where the request asks for it and offset, length and destination are
-4 KiB aligned, buffered otherwise. A request that arrives while the threads are idle is cut into
-``--chunk-bytes`` pieces that they share; one that arrives while they are busy is read in whole
-extents (fewer, larger reads). The thread that finishes a request's last piece sends the reply
-on its own DEALER (a zmq socket belongs to one thread; identity ``<worker id>:<thread>``), so a
-reply costs no hop back through the main thread. A checksummed record goes first to one of
-``max(1, T // 4)`` verify threads, so an I/O thread starts its next read while the crc32 runs.
+4 KiB aligned, buffered otherwise. A request that arrives while several threads are idle is cut
+into pieces (at least ``--chunk-bytes``) that they share; one that arrives while they are busy
+is read in whole extents (fewer, larger reads). The thread that finishes a request's last piece
+sends the reply on its own DEALER (a zmq socket belongs to one thread; identity
+``<worker id>:<thread>``), so a reply costs no hop back through the main thread. A checksummed
+record goes first to one of ``max(1, T // 4)`` verify threads, so an I/O thread starts its next
+read while the crc32 runs.
 
 The worker keeps no state worth saving: it can be killed at any time, and exits by itself when
 its parent dies.
@@ -122,6 +123,8 @@ class Loader:
         self.endpoint = endpoint
         self.worker_id = worker_id
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = 0  # I/O threads waiting for a task
+        self._idle_lock = threading.Lock()
         self._local = threading.local()  # .send: this thread's socket
         self._fds: dict[tuple[str, bool], int] = {}
         self._fd_lock = threading.Lock()
@@ -145,8 +148,7 @@ class Loader:
         try:
             if not 0 <= req.slot < self.pool.nslots:
                 raise ValueError(f"slot {req.slot} out of range (pool has {self.pool.nslots})")
-            chunk = self.chunk if self.tasks.empty() else 0
-            pieces = plan(req.extents, self.pool.slot_bytes, req.direct, chunk)
+            pieces = plan(req.extents, self.pool.slot_bytes, req.direct, self._chunk_for(req))
         except ValueError as e:
             self._reply(_Job(req, t0, 0, 0), str(e))
             return
@@ -156,6 +158,14 @@ class Loader:
             self._finish(job)
         for p in pieces:
             self.tasks.put((job, p))
+
+    def _chunk_for(self, req: LoadRequest) -> int:
+        """Split only across threads that are idle now; a busy worker reads whole extents."""
+        idle = self._idle
+        if self.chunk <= 0 or idle < 2:
+            return 0
+        total = sum(e[2] for e in req.extents)
+        return max(self.chunk, _round_up(-(-total // idle), DIRECT_ALIGN))
 
     def close(self, timeout_s: float = 2.0) -> None:
         for i in range(len(self._threads)):
@@ -179,7 +189,11 @@ class Loader:
 
     def _serve(self) -> None:
         while True:
+            with self._idle_lock:
+                self._idle += 1
             item = self.tasks.get()
+            with self._idle_lock:
+                self._idle -= 1
             if item is None:
                 return
             job, p = item
