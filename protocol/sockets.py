@@ -71,7 +71,9 @@ def router(bind: str, max_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
     return s
 
 
-def dealer(connect: str, identity: bytes | None = None, max_bytes: int = MAX_MESSAGE_BYTES):
+def dealer(
+    connect: str, identity: bytes | None = None, max_bytes: int = MAX_MESSAGE_BYTES
+) -> zmq.Socket:
     """A DEALER connected to ``connect`` (``identity`` lets a ROUTER address it)."""
     s = _socket(zmq.DEALER, max_bytes)
     if identity is not None:
