@@ -140,9 +140,15 @@ def baseline_side(a: dict) -> dict:
 
     from flashmoe.orchestrator.engine import _DTYPES, resolve_dtype
 
+    path = a.get("baseline_model") or a["model"]
+    from flashmoe.store import open_store
+
+    if open_store(path).kind == "packed":
+        raise FlashMoeError(f"{path} is a packed store, which mlx-lm cannot load: give the "
+                            "source checkpoint with --baseline-model")
     t0 = time.perf_counter()
-    model, tok, config = load(a["model"], lazy=True, return_config=True,
-                              model_config=_k_override(config_of(a["model"]), a))
+    model, tok, config = load(path, lazy=True, return_config=True,
+                              model_config=_k_override(config_of(path), a))
     dtype = resolve_dtype(a["dtype"], config) if a["dtype"] == "auto" else _DTYPES[a["dtype"]]
     model.set_dtype(dtype)
     mx.eval(model.parameters())
@@ -224,6 +230,7 @@ def run_decode_bench(args) -> int:
              threads=args.io_threads, dtype=args.dtype or "auto", tokens=args.tokens,
              prompt_tokens=args.prompt_tokens, streams=streams,
              experts_per_token=args.experts_per_token, profile=True,
+             baseline_model=getattr(args, "baseline_model", None),
              trace_out=os.path.abspath(args.trace_out) if args.trace_out else None)
     cap = parse_size(args.cgroup_cap) if args.cgroup_cap else None
     gbps = disk_gbps(args.model)

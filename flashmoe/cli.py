@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=32)
     b.add_argument("--streams", type=int, default=1, help="concurrent sequences")
     b.add_argument("--baseline", action="store_true")
+    b.add_argument("--baseline-model", help="checkpoint mlx-lm loads for the baseline (default "
+                   "--model; a packed store holds no experts for mlx-lm)")
     b.add_argument("--cgroup-cap", help="run the streamed side under a memory cgroup of SIZE")
     b.add_argument("--trace-out", help="write the decode routing trace (JSON lines) here")
     b.add_argument("--json", action="store_true")
