@@ -44,6 +44,10 @@ def resolve_dtype(name: str, config: dict) -> mx.Dtype:
         return _DTYPES[name]
     if mx.default_device() == mx.cpu:
         return mx.float32
+    return _checkpoint_dtype(config)
+
+
+def _checkpoint_dtype(config: dict) -> mx.Dtype:
     text = config.get("text_config", config)
     declared = text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype")
     return _DTYPES.get(str(declared), mx.bfloat16)
@@ -140,7 +144,10 @@ class Engine:
             self.model, self.config = load_dense(self.store.dense_dir, override)
             self.banks = install_streamed_banks(self.model, self.cache, self.store.quantization,
                                                 self.store.moe_layers, prefetch=s.prefetch)
-            self.model.set_dtype(self.compute_dtype)
+            if s.dtype != "auto" or self.compute_dtype != _checkpoint_dtype(self.store.config):
+                # As a user of mlx-lm would: cast the whole model; "auto" on a GPU keeps the
+                # checkpoint's own dtypes, exactly as mlx_lm.load leaves them.
+                self.model.set_dtype(self.compute_dtype)
             params = self.model.parameters()
             mx.eval(params)
             self.dense_bytes = sum(v.nbytes for _, v in tree_flatten(params))
