@@ -200,7 +200,8 @@ def test_workers_exit_when_the_coordinator_dies(tmp_path):
     assert not any(_alive(int(p)) for p in pids)
     from flashmoe.shm.pool import cleanup_stale
 
-    assert name in cleanup_stale()
+    cleanup_stale()  # another flashmoe process on this machine may have beaten us to it
+    assert not Path("/dev/shm", name).exists()
 
 
 def test_close_leaves_no_socket_and_no_processes():
