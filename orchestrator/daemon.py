@@ -203,6 +203,9 @@ class Service:
         rec = getattr(getattr(self.engine, "plan", None), "cache_record_bytes", None)
         if "pool_bytes_used" not in out and rec and "cache_slots_ready" in out:
             out["pool_bytes_used"] = out["cache_slots_ready"] * rec  # until the engine says
+        loader = getattr(self.engine, "loader", None)
+        if loader is not None and hasattr(loader, "restarts"):
+            out.update(worker_restarts=loader.restarts, last_restart_s=loader.last_restart_s)
         with self._lock:
             out.update(
                 requests_served=self.requests_served,

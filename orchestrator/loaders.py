@@ -353,8 +353,12 @@ class LoaderPool:
         t = self._replacing.pop(w.index, None)
         if t is not None:
             self.last_restart_s = time.monotonic() - t
-        while self._backlog:
-            self._dispatch(self._backlog.popleft())
+        # Each request once: a send that fails (w was killed since its Hello) replaces w and
+        # puts its requests back on the backlog, which ``while self._backlog`` would spin on.
+        backlog, self._backlog = self._backlog, deque()
+        for rid in backlog:
+            if rid in self._requests:
+                self._dispatch(rid)
 
     def _fail(self, r: _Request, error: str) -> None:
         self._requests.pop(r.req, None)

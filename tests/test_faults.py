@@ -99,6 +99,46 @@ def test_killed_workers_lose_nothing(tiny_model: Path) -> None:
               f"last replacement {e.loader.last_restart_s:.3f} s")  # fmt: skip
 
 
+_KILLED_AFTER_HELLO = """
+import os, signal, sys, time
+from flashmoe.shm.pool import ExpertPool
+from flashmoe.orchestrator.loaders import LoaderPool
+path = sys.argv[1]
+pool = ExpertPool.create(4, 16384)
+lp = LoaderPool(pool, workers=1, threads=1)
+try:
+    (w,) = lp.workers_info()
+    os.kill(w["pid"], signal.SIGKILL)
+    time.sleep(0.3)
+    lp.poll(0)  # the death is noticed: a replacement starts
+    (w,) = lp.workers_info()
+    assert w["state"] == "starting", w
+    rids = [lp.submit(i, [[path, 0, 16384, 0]]) for i in range(4)]  # no worker: backlog
+    lp._sock.poll(20000)  # the replacement's Hello is waiting, unread
+    os.kill(w["pid"], signal.SIGKILL)  # and it dies before its first request reaches it
+    time.sleep(0.5)
+    done, t0 = [], time.monotonic()
+    while len(done) < 4 and time.monotonic() - t0 < 30:
+        done += lp.poll(1.0)
+    assert sorted(c.req for c in done if c.ok) == sorted(rids), done
+    print("restarts", lp.restarts)
+finally:
+    lp.close()
+    pool.close()
+    pool.unlink()
+"""
+
+
+def test_worker_killed_between_hello_and_first_request(tmp_path: Path) -> None:
+    """The backlog goes to a replacement that says hello and dies at once: the coordinator
+    used to spin forever re-queueing the backlog (in a subprocess here, so it cannot hang)."""
+    data = tmp_path / "record.bin"
+    data.write_bytes(os.urandom(16384))
+    out = subprocess.run([sys.executable, "-c", _KILLED_AFTER_HELLO, str(data)],
+                         capture_output=True, text=True, timeout=90)  # fmt: skip
+    assert out.returncode == 0 and "restarts 2" in out.stdout, out.stderr[-2000:]
+
+
 # -- 2. corrupt and truncated expert files --------------------------------------------------------
 
 
