@@ -196,7 +196,11 @@ class ExpertCache:
         """Pin the experts of ``layer`` in the cache, loading the missing ones; returns their
         cache slots in the order given. Blocks until every miss has arrived."""
         p = self.begin(layer, experts)
-        self.finish(p)
+        try:
+            self.finish(p)
+        except BaseException:
+            self.release(p.slots)
+            raise
         return p.slots
 
     def begin(self, layer: int, experts: Iterable[int]) -> Pending:
@@ -226,7 +230,8 @@ class ExpertCache:
         return p
 
     def finish(self, p: Pending) -> None:
-        """Wait for every load of ``p``; on failure unpin everything and raise ``LoadError``."""
+        """Wait for every load of ``p``; raise ``LoadError`` if one failed. The caller still
+        holds the pins of ``p.slots`` either way and releases them."""
         t0 = time.perf_counter()
         deadline = t0 + self.load_timeout_s
         try:
@@ -243,13 +248,9 @@ class ExpertCache:
             for slot, gen, _layer, _e in p.todo:  # never submitted after an error
                 self.table.failed(slot, gen)
             p.todo = []
-        except BaseException:
-            self.release(p.slots)
-            raise
         finally:
             self.stats.io_wait_s += time.perf_counter() - t0
         if p.error is not None:
-            self.release(p.slots)
             raise LoadError(p.error)
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> int:
@@ -276,8 +277,9 @@ class ExpertCache:
         try:
             self.finish(p)
         except LoadError:
-            return  # finish released the pins; the real request will load or report it
-        self.release(p.slots)
+            pass  # a wrong guess or a bad expert: the real request will load or report it
+        finally:
+            self.release(p.slots)
 
     def release(self, slots: Iterable[int]) -> None:
         for s in slots:
