@@ -277,6 +277,8 @@ class LoaderPool:
         now = time.monotonic()
         self._last_supervise = now
         for w in list(self._workers):
+            if self._workers[w.index] is not w:
+                continue  # replaced meanwhile, by a nested call (a failed send re-dispatches)
             code = w.proc.poll()
             if code is not None:
                 self._replace(w, f"died (exit code {code})")
