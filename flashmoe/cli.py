@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--model; a packed store holds no experts for mlx-lm)")
     b.add_argument("--cgroup-cap", help="run the streamed side under a memory cgroup of SIZE")
     b.add_argument("--trace-out", help="write the decode routing trace (JSON lines) here")
+    b.add_argument("--profile", action="store_true",
+                   help="also time each part of a token (adds one sync per MoE layer)")
     b.add_argument("--json", action="store_true")
 
     for name in ("generate", "chat"):
