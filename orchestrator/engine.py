@@ -293,6 +293,7 @@ class Engine:
 
     def status(self) -> dict:
         st = self.cache.stats
+        ready = self.cache.table.stats()["ready"]
         return {
             "model": self.model_name,
             "model_path": str(self.model_path),
@@ -302,7 +303,9 @@ class Engine:
             "pool_bytes": self.plan.nbytes,
             "budget_bytes": self.budget,
             "cache_slots": self.plan.cache_slots,
-            "cache_slots_ready": self.cache.table.stats()["ready"],
+            "cache_slots_ready": ready,
+            "pool_bytes_used": ready * self.plan.cache_record_bytes
+            + self.plan.staging_slots * self.plan.staging_slot_bytes,
             "expert_hit_rate": st.hit_rate(),
             "bytes_read": st.bytes_read,
             "decode_tokens_per_s": self._last_tps,
