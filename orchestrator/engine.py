@@ -182,7 +182,10 @@ class Engine:
                 if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
                         m.get("role") not in ("system", "user", "assistant", "tool"):
                     raise ValueError("messages must be a list of {role, content} objects")
-        if len(self.encode(req)) > s.max_prompt_tokens:
+        n = len(self.encode(req))
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n > s.max_prompt_tokens:
             raise ValueError(f"prompt longer than {s.max_prompt_tokens} tokens")
 
     def encode(self, req: GenRequest) -> list[int]:

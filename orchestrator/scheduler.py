@@ -58,7 +58,9 @@ class _Active:
 
 
 def sampler_for(req):
-    return make_sampler(req.temperature, top_p=req.top_p if req.top_p < 1 else 0.0,
+    # Below 1e-6, 1/T overflows; greedy is the limit of a vanishing temperature.
+    temp = req.temperature if req.temperature >= 1e-6 else 0.0
+    return make_sampler(temp, top_p=req.top_p if req.top_p < 1 else 0.0,
                         min_p=req.min_p, top_k=req.top_k)
 
 
@@ -128,15 +130,15 @@ class Scheduler:
             try:
                 self.engine.validate(req)
                 prompt = self.engine.encode(req)
-            except (ValueError, FlashMoeError) as e:
+                if req.seed is not None:
+                    mx.random.seed(req.seed)  # exact only for a request that runs alone
+                if self.gen is None:
+                    self.gen = self._new_gen()
+                (uid,) = self.gen.insert([prompt], max_tokens=[req.max_tokens],
+                                         samplers=[sampler_for(req)])
+            except Exception as e:  # one bad request must not end the engine thread
                 on_chunk(Chunk(req.id, "", [], finish_reason="error", error=str(e)))
                 continue
-            if req.seed is not None:
-                mx.random.seed(req.seed)  # exact only for a request that runs alone
-            if self.gen is None:
-                self.gen = self._new_gen()
-            (uid,) = self.gen.insert([prompt], max_tokens=[req.max_tokens],
-                                     samplers=[sampler_for(req)])
             detok = self.engine.tokenizer.detokenizer  # a fresh copy each time
             self.active[uid] = _Active(req, on_chunk, len(prompt), detok, self.engine.snapshot())
         return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -159,3 +160,28 @@ def test_exhausted_pool_leaves_no_stuck_slot(models):
             cache.release(slots)
         assert cache.table.stats()["pinned"] == 0
         cache.release(cache.acquire(eng.store.moe_layers[-1], range(eng.store.num_experts)))
+
+
+def test_bad_requests_do_not_end_the_engine_thread(models):
+    path = models[("qwen3_moe", "mlx")]
+    with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
+        eng.start()
+        done = {}
+        ev = threading.Event()
+
+        def on_chunk(c):
+            if c.finish_reason:
+                done[c.id] = c
+                if len(done) == 3:
+                    ev.set()
+
+        eng.submit(GenRequest(id="empty", prompt=""), on_chunk)
+        eng.submit(GenRequest(id="tiny-t", prompt=PROMPT, max_tokens=8, temperature=1e-300),
+                   on_chunk)
+        eng.submit(GenRequest(id="ok", prompt=PROMPT, max_tokens=8), on_chunk)
+        assert ev.wait(120)
+        assert done["empty"].finish_reason == "error" and "empty" in done["empty"].error
+        assert done["ok"].finish_reason == "length"
+    want = reference_ids(path, PROMPT, 8)
+    tiny, _ = engine_ids(path, quarter_budget(path), prompt=PROMPT, temperature=1e-300)
+    assert tiny[:8] == want
