@@ -230,7 +230,7 @@ def run_decode_bench(args) -> int:
              threads=args.io_threads, dtype=args.dtype or "auto", tokens=args.tokens,
              prompt_tokens=args.prompt_tokens, streams=streams,
              experts_per_token=args.experts_per_token, profile=args.profile,
-             baseline_model=getattr(args, "baseline_model", None),
+             baseline_model=args.baseline_model,
              trace_out=os.path.abspath(args.trace_out) if args.trace_out else None)
     cap = parse_size(args.cgroup_cap) if args.cgroup_cap else None
     gbps = disk_gbps(args.model)

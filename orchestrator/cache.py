@@ -29,8 +29,6 @@ from flashmoe.orchestrator.slots import SlotTable
 from flashmoe.errors import BudgetError, LoadError
 from flashmoe.store import RECORD_ALIGN, RecordLayout, TensorSpec
 
-_NP_BITS = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32,
-            "uint32": np.uint32, "uint8": np.uint8, "int8": np.int8, "uint16": np.uint16}
 _MX = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32,
        "uint32": mx.uint32, "uint8": mx.uint8, "int8": mx.int8, "uint16": mx.uint16}
 _FLOATS = ("bfloat16", "float16", "float32")
@@ -119,11 +117,6 @@ class CacheStats:
         return self.hits / total if total else 0.0
 
 
-def _record_views(buf: np.ndarray, layout: RecordLayout) -> dict[str, np.ndarray]:
-    return {t.name: buf[t.offset:t.offset + t.nbytes].view(_NP_BITS[t.dtype]).reshape(t.shape)
-            for t in layout.tensors}
-
-
 def _copy_convert(dst: np.ndarray, src: np.ndarray, src_dtype: str) -> None:
     """Copy one tensor into a cache slot, converting its float format where needed."""
     if dst.dtype == np.float32 and src_dtype == "bfloat16":
@@ -182,8 +175,7 @@ class ExpertCache:
         self._owner: dict[int, Pending] = {}  # request id -> the Pending it belongs to
         self._prefetch: Pending | None = None
         self._staging_free = list(range(plan.staging_slots))
-        self._staging_views = [_record_views(pool.slot(i), layout)
-                               for i in range(plan.staging_slots)]
+        self._staging_views = [pool.tensor_views(i, layout) for i in range(plan.staging_slots)]
 
     @property
     def nslots(self) -> int:

@@ -112,8 +112,7 @@ class Engine:
         self.store = open_store(self.model_path)
         self.compute_dtype = resolve_dtype(s.dtype, self.store.config)
         top_k = experts_per_token or self.store.top_k
-        dense_bytes_est = self.store.dense_bytes()
-        budget = (default_budget(s, dense_bytes_est) if s.memory_budget == "auto"
+        budget = (default_budget(s, self.store.dense_bytes()) if s.memory_budget == "auto"
                   else parse_size(s.memory_budget))
         self.plan = plan_pool(budget, self.store.layout, self.compute_dtype, top_k,
                               self.store.num_experts,
@@ -124,7 +123,6 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue = queue.Queue()
         self._cancelled: set[str] = set()
-        self._lock = threading.Lock()
         self.requests_served = 0
         self.tokens_generated = 0
         self.started = time.time()

@@ -1,0 +1,31 @@
+"""``flashmoe bench decode`` end to end on a tiny model: both sides, streams, trace, JSON keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from flashmoe.synth import synth
+
+
+def test_bench_decode_json(tmp_path):
+    model = synth(tmp_path / "m", "qwen3_moe", layout="mlx", bits=4, seed=2)
+    trace = tmp_path / "trace.jsonl"
+    out = subprocess.run(
+        [sys.executable, "-m", "flashmoe.cli", "bench", "decode", "--model", str(model),
+         "--memory-budget", "400KiB", "--tokens", "6", "--prompt-tokens", "5", "--streams", "2",
+         "--baseline", "--profile", "--trace-out", str(trace), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    for key in ("decode_tokens_per_s", "baseline_decode_tokens_per_s", "ratio",
+                "prefill_tokens_per_s", "hit_rate", "bytes_per_token"):
+        assert isinstance(r[key], float), key
+    assert r["ratio"] > 0 and 0 <= r["hit_rate"] <= 1
+    assert r["bytes_per_token"] > 0  # 400 KiB holds a fraction of the experts
+    assert set(r["aggregate_tokens_per_s"]) == {"1", "2"}
+    assert set(r["streamed"]["profile"]) >= {"io_wait", "expert_compute", "dense_and_routing"}
+    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert lines and all({"layer", "experts"} <= set(x) for x in lines)
