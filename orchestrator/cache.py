@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
-from flashmoe.orchestrator.slots import SlotTable
 
 from flashmoe.errors import BudgetError, LoadError
+from flashmoe.orchestrator.slots import SlotTable
 from flashmoe.store import RECORD_ALIGN, RecordLayout, TensorSpec
 
 _MX = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32,

@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+
 from flashmoe.configs import Settings, load_settings
+from flashmoe.errors import FlashMoeError
 from flashmoe.protocol import sockets
 from flashmoe.protocol.client import (
     Client,
@@ -65,8 +67,6 @@ from flashmoe.protocol.messages import (
     decode,
     encode,
 )
-
-from flashmoe.errors import FlashMoeError
 
 log = logging.getLogger("flashmoe.daemon")
 

@@ -20,18 +20,18 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import psutil
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+from mlx_lm.utils import _get_classes, load_model, load_tokenizer
+
 from flashmoe.configs import Settings, load_settings, parse_size
+from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.orchestrator.cache import ExpertCache, plan_pool
 from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, make_copier, on_cuda
 from flashmoe.orchestrator.loaders import LoaderPool
 from flashmoe.orchestrator.scheduler import Chunk, GenRequest, Scheduler, sampler_for
 from flashmoe.orchestrator.streamed import find_banks, install_streamed_banks
 from flashmoe.shm.pool import ExpertPool, cleanup_stale
-from mlx.utils import tree_flatten
-from mlx_lm.generate import generate_step
-from mlx_lm.utils import _get_classes, load_model, load_tokenizer
-
-from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.store import open_store
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+
+from flashmoe import __version__
+from flashmoe.errors import LoadError
 from flashmoe.protocol.messages import (
     COORDINATOR_ACCEPTS,
     Hello,
@@ -35,9 +38,6 @@ from flashmoe.protocol.messages import (
 )
 from flashmoe.protocol.sockets import endpoint_path, fresh_endpoint, router
 from flashmoe.shm.pool import ExpertPool
-
-from flashmoe import __version__
-from flashmoe.errors import LoadError
 
 MAX_ATTEMPTS = 3
 SUPERVISE_EVERY_S = 0.1

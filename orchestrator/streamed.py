@@ -14,13 +14,14 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from flashmoe.orchestrator.cache import ExpertCache
 from mlx_lm.models.switch_layers import (
     QuantizedSwitchLinear,
     SwitchGLU,
     SwitchLinear,
     SwitchMLP,
 )
+
+from flashmoe.orchestrator.cache import ExpertCache
 
 BANK_TYPES = (SwitchGLU, SwitchMLP)
 SORT_MIN = 64  # mlx-lm's banks sort the pairs by expert from this many on

@@ -32,7 +32,9 @@ from typing import Any
 
 import psutil
 import zmq
+
 from flashmoe.configs import load_settings
+from flashmoe.errors import FlashMoeError
 from flashmoe.protocol import sockets
 from flashmoe.protocol.messages import (
     CLIENT_ACCEPTS,
@@ -48,8 +50,6 @@ from flashmoe.protocol.messages import (
     decode,
     encode,
 )
-
-from flashmoe.errors import FlashMoeError
 
 SOCKET_NAME = "daemon.sock"
 _SLICE_S = 0.05  # longest a waiter holds the socket lock

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+
 from flashmoe.protocol.messages import MAX_MESSAGE_BYTES, decode, encode
 
 HWM = 100_000  # messages; the real bound is the slot count (one request per slot)

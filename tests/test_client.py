@@ -14,6 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_daemon import CHAT, MAX_TOKENS, PROMPTS, Daemon, reference, short_dir, tiny_model
+
+import flashmoe
+from flashmoe.cli import main as cli_main
 from flashmoe.protocol import sockets
 from flashmoe.protocol.client import (
     Client,
@@ -24,10 +28,6 @@ from flashmoe.protocol.client import (
     daemon_paths,
 )
 from flashmoe.protocol.messages import DAEMON_ACCEPTS, Cancel, Generate, decode
-from test_daemon import CHAT, MAX_TOKENS, PROMPTS, Daemon, reference, short_dir, tiny_model
-
-import flashmoe
-from flashmoe.cli import main as cli_main
 
 __all__ = ["reference", "tiny_model"]  # fixtures shared with test_daemon.py
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from flashmoe.protocol import sockets
 from flashmoe.protocol.client import (
     Client,

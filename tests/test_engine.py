@@ -10,11 +10,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from flashmoe.orchestrator.engine import Engine, GenRequest
 from mlx_lm import load as mlx_load
 from mlx_lm import stream_generate
 
 from flashmoe.errors import BudgetError
+from flashmoe.orchestrator.engine import Engine, GenRequest
 from flashmoe.pack import pack
 from flashmoe.store import open_store
 from flashmoe.synth import synth

@@ -24,7 +24,6 @@ from conftest import (
     scratch_dir,
     shm_segments,
 )
-from flashmoe.protocol.client import Client, DaemonNotRunning, RequestRejected, pid_alive
 from test_daemon import (
     BUDGET,
     DAEMON,
@@ -37,6 +36,7 @@ from test_daemon import (
 )
 
 from flashmoe.errors import LoadError
+from flashmoe.protocol.client import Client, DaemonNotRunning, RequestRejected, pid_alive
 
 __all__ = ["reference", "tiny_model"]  # fixtures shared with test_daemon.py
 

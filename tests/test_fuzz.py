@@ -13,6 +13,9 @@ import httpx
 import msgpack
 import pytest
 from conftest import rss, scratch_dir
+from test_daemon import CHAT, MAX_TOKENS, PROMPTS, Daemon, reference, tiny_model
+from test_http import free_port
+
 from flashmoe.orchestrator.daemon import parse_http
 from flashmoe.protocol import sockets
 from flashmoe.protocol.messages import (
@@ -30,8 +33,6 @@ from flashmoe.protocol.messages import (
     decode,
     encode,
 )
-from test_daemon import CHAT, MAX_TOKENS, PROMPTS, Daemon, reference, tiny_model
-from test_http import free_port
 
 __all__ = ["reference", "tiny_model"]  # fixtures shared with test_daemon.py
 

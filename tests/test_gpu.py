@@ -9,11 +9,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, on_cuda
-from flashmoe.orchestrator.engine import Engine, GenRequest
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import generate_step
 
+from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, on_cuda
+from flashmoe.orchestrator.engine import Engine, GenRequest
 from flashmoe.pack import pack
 from flashmoe.store import open_store
 from flashmoe.synth import synth

@@ -6,6 +6,7 @@ import stat
 
 import msgpack
 import pytest
+
 from flashmoe.protocol import messages as m
 from flashmoe.protocol import sockets
 from flashmoe.protocol.messages import ProtocolError, decode, encode

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flashmoe.shm.pool import HEADER_BYTES, ExpertPool, cleanup_stale
 
+from flashmoe.shm.pool import HEADER_BYTES, ExpertPool, cleanup_stale
 from flashmoe.store import RecordLayout, TensorSpec
 
 SHM = Path("/dev/shm")

@@ -1,6 +1,7 @@
 """The slot table state machine (pure, no I/O)."""
 
 import pytest
+
 from flashmoe.orchestrator.slots import LOADING, READY, PoolExhausted, SlotTable
 
 

@@ -9,10 +9,10 @@ import zlib
 from pathlib import Path
 
 import pytest
-from flashmoe.orchestrator.loaders import LoaderPool
-from flashmoe.shm.pool import ExpertPool
 
 from flashmoe.errors import LoadError
+from flashmoe.orchestrator.loaders import LoaderPool
+from flashmoe.shm.pool import ExpertPool
 from flashmoe.store import open_store
 
 

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
+
+from flashmoe import __version__
 from flashmoe.protocol.messages import (
     WORKER_ACCEPTS,
     Hello,
@@ -48,8 +50,6 @@ from flashmoe.protocol.messages import (
 )
 from flashmoe.protocol.sockets import dealer
 from flashmoe.shm.pool import ExpertPool
-
-from flashmoe import __version__
 
 DIRECT_ALIGN = 4096
 DEFAULT_CHUNK = 1 << 20
