@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/flashmoe synth $(DEMO)/model --arch qwen3_moe --layout mlx --bits 4 \
 		--layers 8 --hidden 512 --experts 64 --topk 4 --moe-inter 256 --vocab 2048 --force
 	$(BIN)/flashmoe inspect $(DEMO)/model
-	$(BIN)/flashmoe run --model $(DEMO)/model --memory-budget 8MiB \
+	$(BIN)/flashmoe run --model $(DEMO)/model --memory-budget 16MiB \
 		--prompt "The quick brown fox" --max-tokens 48
 
 test: $(STAMP)
