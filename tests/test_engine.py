@@ -185,3 +185,20 @@ def test_bad_requests_do_not_end_the_engine_thread(models):
     want = reference_ids(path, PROMPT, 8)
     tiny, _ = engine_ids(path, quarter_budget(path), prompt=PROMPT, temperature=1e-300)
     assert tiny[:8] == want
+
+
+def test_bfloat16_cache_matches_mlx_lm(models):
+    """bf16 cache arrays are filled through uint16 views of the same buffer."""
+    path = models[("qwen3_moe", "mlx")]
+    model, tok = mlx_load(str(path))
+    model.set_dtype(mx.bfloat16)
+    want = []
+    for r in stream_generate(model, tok, PROMPT, max_tokens=16):
+        if r.finish_reason == "stop":
+            break
+        want.append(r.token)
+    with Engine(str(path), memory_budget=quarter_budget(path), dtype="bfloat16") as eng:
+        got = [t for c in eng.generate(GenRequest(id="b", prompt=PROMPT, max_tokens=16))
+               for t in c.token_ids]
+        assert eng.cache.arrays["gate_proj.scales"].dtype == mx.bfloat16
+    assert got == want
