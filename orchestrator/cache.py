@@ -96,6 +96,9 @@ class Pending:
     inflight: dict = field(default_factory=dict)  # req -> (stage, slot, gen, layer, expert)
     error: str | None = None
 
+    def todo_or_inflight(self) -> bool:
+        return bool(self.todo or self.inflight)
+
 
 @dataclass
 class CacheStats:
@@ -109,6 +112,7 @@ class CacheStats:
     profile: bool = False
     route_s: float = 0.0
     prefetched: int = 0
+    overlapped: int = 0  # bank calls that computed their cached experts while misses loaded
     trace: list | None = None  # (layer, experts) per bank call, when a benchmark records it
     expert_s: float = 0.0
 

@@ -100,8 +100,13 @@ class StreamedBank:
         try:
             remap = np.zeros(self.num_experts, dtype=np.uint32)
             remap[experts] = p.slots
-            if HITS_FIRST and ids.size < SORT_MIN and p.hit.any() and not p.hit.all():
-                out = self._hits_first(x, ids, experts[p.hit], remap, p)
+            hits = experts[p.hit]
+            n_hit = int(np.isin(ids, hits).sum()) if HITS_FIRST and p.todo_or_inflight() else 0
+            # Both parts must take the path the whole call would take (sorted from SORT_MIN
+            # pairs on), so that every expert's rows meet the same kernel.
+            if n_hit and (ids.size < SORT_MIN or min(n_hit, ids.size - n_hit) >= SORT_MIN):
+                out = self._hits_first(x, ids, hits, remap, p)
+                st.overlapped += 1
             else:
                 self.cache.finish(p)
                 out = self.inner(x, mx.array(remap[ids]))
@@ -127,8 +132,8 @@ class StreamedBank:
 
     def _hits_first(self, x, ids, hits, remap, p):
         """Compute the (token, expert) pairs whose experts are cached while the misses load,
-        then the rest. mlx-lm's unsorted path computes every pair on its own, so splitting
-        the pairs changes no result bit."""
+        then the rest. On the CPU backend mlx-lm's banks compute each pair (unsorted) or each
+        expert's run of pairs (sorted) on its own, so splitting by expert changes no bit."""
         flat = ids.reshape(-1)
         k = ids.shape[-1]
         is_hit = np.isin(flat, hits)

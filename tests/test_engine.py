@@ -202,3 +202,16 @@ def test_bfloat16_cache_matches_mlx_lm(models):
                for t in c.token_ids]
         assert eng.cache.arrays["gate_proj.scales"].dtype == mx.bfloat16
     assert got == want
+
+
+def test_long_prompt_overlaps_and_stays_exact(models):
+    """A prompt long enough for mlx-lm's sorted path, on a budget with partial hits."""
+    path = models[("qwen3_moe", "mlx")]
+    prompt = " ".join(f"word{i} and more" for i in range(40))
+    want = reference_ids(path, prompt, 8)
+    with Engine(str(path), memory_budget=quarter_budget(path) * 2, dtype="float32") as eng:
+        list(eng.generate(GenRequest(id="warm", prompt=prompt[:200], max_tokens=2)))
+        got = [t for c in eng.generate(GenRequest(id="l", prompt=prompt, max_tokens=8))
+               for t in c.token_ids]
+        assert eng.cache.stats.overlapped > 0
+    assert got == want
