@@ -100,28 +100,15 @@ def plain(obj: Any) -> Any:
     return str(obj)
 
 
-GREEDY_BELOW = 1e-6  # a temperature this small is greedy; 1/T would overflow the logits
-
-
 def check(engine: Any, req: Any) -> None:
-    """``engine.validate(req)`` plus what a request must not reach the engine thread with.
-
-    Every refusal is a ``ValueError`` (so the client gets ``invalid_request``): a chat template
-    or tokenizer that trips on odd input raises its own types. An empty prompt would make the
-    batch generator raise outside its step and end the engine thread; a temperature below
-    ``GREEDY_BELOW`` would sample from non-finite logits, so it becomes greedy, its limit.
-    """
+    """``engine.validate(req)``, with whatever a chat template or tokenizer raises on odd input
+    turned into a ``ValueError`` (so the client gets ``invalid_request``)."""
     try:
         engine.validate(req)
-        empty = isinstance(req.prompt, str) and not engine.encode(req)
     except ValueError:
         raise
     except Exception as e:
         raise ValueError(f"cannot read the request: {type(e).__name__}: {e}") from None
-    if empty:
-        raise ValueError("the prompt encodes to no tokens: nothing to generate from")
-    if req.temperature < GREEDY_BELOW:
-        req.temperature = 0.0
 
 
 def new_request(**fields: Any) -> Any:
