@@ -13,6 +13,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from flashmoe.errors import ConfigError
+
 _DEFAULTS = Path(__file__).with_name("defaults.toml")
 
 _UNITS = {
@@ -28,11 +30,11 @@ def parse_size(text: str | int) -> int:
     """Parse a byte size: ``6291456``, ``512MiB``, ``2GiB``, ``4G`` (G = 10**9, GiB = 2**30)."""
     if isinstance(text, int):
         if text < 0:
-            raise ValueError(f"size must be >= 0, got {text}")
+            raise ConfigError(f"size must be >= 0, got {text}")
         return text
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(
+        raise ConfigError(
             f"bad size {text!r}: use bytes (6291456) or a unit (512MiB, 2GiB, 4G, 1.5GB)"
         )
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
@@ -87,5 +89,5 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
                     value = value.lower() in ("1", "true", "yes", "on")
                 out[f.name] = type(default)(value)
             except ValueError as e:
-                raise ValueError(f"setting {f.name}: {e}") from None
+                raise ConfigError(f"setting {f.name}: {e}") from None
     return Settings(**out)

@@ -19,3 +19,7 @@ class BudgetError(FlashMoeError):
 
 class LoadError(FlashMoeError):
     """An expert could not be loaded (I/O error, checksum, dead workers)."""
+
+
+class ConfigError(FlashMoeError, ValueError):
+    """A setting, flag or environment variable has a value that cannot be used."""

@@ -64,10 +64,12 @@ class PoolPlan:
 
 def plan_pool(budget: int, layout: RecordLayout, compute: mx.Dtype, top_k: int,
               num_experts: int, parallel_reads: int = 16,
-              max_slot_array_bytes: int | None = None) -> PoolPlan:
+              max_slot_array_bytes: int | None = None, total_experts: int | None = None
+              ) -> PoolPlan:
     """Split ``budget`` bytes: at least ``top_k`` cache slots (one layer of one token), and up
     to ``parallel_reads`` staging slots so the loaders can keep their I/O queues full.
-    ``max_slot_array_bytes`` caps the cache slots so that no cache array is larger."""
+    ``max_slot_array_bytes`` caps the cache slots so that no cache array is larger; no more
+    slots than ``total_experts`` (every expert of the model) are ever planned."""
     rec = cache_record_bytes(layout, compute)
     stage = _roundup(layout.nbytes, RECORD_ALIGN)
     minimum = top_k * rec + stage
@@ -78,7 +80,7 @@ def plan_pool(budget: int, layout: RecordLayout, compute: mx.Dtype, top_k: int,
             f"use --memory-budget {minimum} or more"
         )
     nstage = max(1, min(parallel_reads, num_experts, (budget - top_k * rec) // stage // 4))
-    ncache = min((budget - nstage * stage) // rec, 0x7FFFFFFF)
+    ncache = min((budget - nstage * stage) // rec, total_experts or 0x7FFFFFFF)
     if max_slot_array_bytes is not None:
         largest = max(int(np.prod(t.shape)) * cache_dtype(t, compute).size
                       for t in layout.tensors)

@@ -117,7 +117,8 @@ class Engine:
         self.plan = plan_pool(budget, self.store.layout, self.compute_dtype, top_k,
                               self.store.num_experts,
                               parallel_reads=2 * max(1, s.workers) * max(1, s.io_threads),
-                              max_slot_array_bytes=MAX_ARRAY_BYTES if on_cuda() else None)
+                              max_slot_array_bytes=MAX_ARRAY_BYTES if on_cuda() else None,
+                              total_experts=len(self.store.moe_layers) * self.store.num_experts)
         self.budget = budget
         self._closed = False
         self._thread: threading.Thread | None = None

@@ -215,3 +215,11 @@ def test_long_prompt_overlaps_and_stays_exact(models):
                for t in c.token_ids]
         assert eng.cache.stats.overlapped > 0
     assert got == want
+
+
+def test_budget_beyond_the_model_plans_no_more_than_every_expert(models):
+    path = models[("mixtral", "mlx")]
+    store = open_store(path)
+    with Engine(str(path), memory_budget="8GiB", dtype="float32") as eng:
+        assert eng.plan.cache_slots == len(store.moe_layers) * store.num_experts
+        assert eng.plan.nbytes < 8 << 30
