@@ -57,6 +57,7 @@ class Settings:
     dtype: str = "auto"
     slot_align: int = 16384
     prefetch: bool = False
+    lanes: str = "auto"
     load_timeout_s: float = 30.0
     worker_start_timeout_s: float = 30.0
     socket: str = ""

@@ -12,12 +12,21 @@ on the way) and frees the staging slot. On the CPU backend MLX cannot wrap share
 without a copy, so this one copy per *miss* is the cheapest honest path: it replaces a copy per
 *use*.
 
-Writing into an MLX array's buffer is safe here because every write happens after the host has
-synchronised on the current layer's routing, which depends on every earlier read of the cache.
+Writing into an MLX array's buffer is safe here because a slot is overwritten only once it is
+unpinned, and a bank unpins its slots only when no pending computation reads them: with one
+thread of compute, every write happens after the host has synchronised on the current layer's
+routing, which depends on every earlier read of the cache; with several compute lanes
+(``shared=True``) each lane keeps its pins until its own next routing sync (``defer``).
+
+Thread safety (``shared=True``): the slot table, the pending loads and the staging slots are
+guarded by one lock; the loader pool's socket is used by one thread at a time, the one that
+holds ``_io`` (leader), which submits every lane's queued loads, collects completions for all
+of them and wakes the others (followers), who wait on a condition.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,7 +35,7 @@ import mlx.core as mx
 import numpy as np
 
 from flashmoe.errors import BudgetError, LoadError
-from flashmoe.orchestrator.slots import SlotTable
+from flashmoe.orchestrator.slots import LOADING, READY, SlotTable
 from flashmoe.store import RECORD_ALIGN, RecordLayout, TensorSpec
 
 _MX = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32,
@@ -88,7 +97,7 @@ def plan_pool(budget: int, layout: RecordLayout, compute: mx.Dtype, top_k: int,
     return PoolPlan(int(ncache), int(nstage), rec, stage)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
 class Pending:
     """Loads started by ``ExpertCache.begin``: the pinned slots, which were hits, what is left."""
 
@@ -97,9 +106,10 @@ class Pending:
     todo: list
     inflight: dict = field(default_factory=dict)  # req -> (stage, slot, gen, layer, expert)
     error: str | None = None
+    waits: list = field(default_factory=list)  # (slot, layer, expert) another lane is loading
 
     def todo_or_inflight(self) -> bool:
-        return bool(self.todo or self.inflight)
+        return bool(self.todo or self.inflight or self.waits)
 
 
 @dataclass
@@ -151,10 +161,13 @@ class ExpertCache:
         loader: a ``LoaderPool`` (``submit(slot, extents, checksum)``, ``poll(timeout)``).
         pool: the shared-memory ``ExpertPool`` whose slots the loader fills (staging).
         store: the store index (``extents``, ``checksum``).
+        shared: several compute lanes (threads) use the cache at once.
     """
 
+    POLL_SLICE_S = 0.002  # shared: longest a leader holds the loader socket in one poll
+
     def __init__(self, layout: RecordLayout, plan: PoolPlan, compute: mx.Dtype, loader, pool,
-                 store, load_timeout_s: float = 60.0, copier=None):
+                 store, load_timeout_s: float = 60.0, copier=None, shared: bool = False):
         self.layout = layout
         self.plan = plan
         self.compute = compute
@@ -164,6 +177,7 @@ class ExpertCache:
         self.load_timeout_s = load_timeout_s
         # Optional device copier (``fill(slot, stage)``) replacing the host copy on a GPU.
         self.copier = copier
+        self.shared = shared
         self.table = SlotTable(plan.cache_slots)
         self.stats = CacheStats()
         self.arrays: dict[str, mx.array] = {}
@@ -179,9 +193,13 @@ class ExpertCache:
                 raise RuntimeError("MLX did not expose a writable contiguous cache buffer")
             self._host[name] = view
         self._owner: dict[int, Pending] = {}  # request id -> the Pending it belongs to
-        self._prefetch: Pending | None = None
+        self._queued: list[Pending] = []  # pendings with loads not submitted yet (no staging)
         self._staging_free = list(range(plan.staging_slots))
         self._staging_views = [pool.tensor_views(i, layout) for i in range(plan.staging_slots)]
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._io = threading.Lock()  # held by the one thread that talks to the loader pool
+        self._local = threading.local()  # per lane: its prefetch and its deferred pins
 
     @property
     def nslots(self) -> int:
@@ -204,27 +222,37 @@ class ExpertCache:
     def begin(self, layer: int, experts: Iterable[int]) -> Pending:
         """Pin the experts and start loading the missing ones without waiting for them."""
         self._settle_prefetch()
-        slots, hit, todo = [], [], []
-        try:
-            for e in experts:
-                slot, status = self.table.acquire((layer, int(e)))
-                slots.append(slot)
-                hit.append(status == "hit")
-                if status == "miss":
-                    todo.append((slot, self.table.generation(slot), layer, int(e)))
-                elif status == "wait":  # only one coordinator loads: a LOADING slot is ours
-                    raise RuntimeError(f"expert {layer}/{e} is already loading")
-        except BaseException:
-            for slot, gen, _layer, _e in todo:  # allocated but never sent: free them
-                self.table.failed(slot, gen)
-            self.release(slots)
-            raise
-        self.stats.calls += 1
-        self.stats.hits += len(slots) - len(todo)
-        self.stats.misses += len(todo)
-        p = Pending(np.asarray(slots, dtype=np.int32), np.asarray(hit, dtype=bool),
-                    list(reversed(todo)))
-        self._submit(p)
+        slots, hit, todo, waits = [], [], [], []
+        with self._lock:
+            try:
+                for e in experts:
+                    slot, status = self.table.acquire((layer, int(e)))
+                    slots.append(slot)
+                    hit.append(status == "hit")
+                    if status == "miss":
+                        todo.append((slot, self.table.generation(slot), layer, int(e)))
+                    elif status == "wait":  # another lane is loading it: wait for that load
+                        waits.append((slot, layer, int(e)))
+            except BaseException:
+                for slot, gen, _layer, _e in todo:  # allocated but never sent: free them
+                    self.table.failed(slot, gen)
+                for s in slots:
+                    self.table.release(int(s))
+                raise
+            st = self.stats
+            st.calls += 1
+            st.hits += len(slots) - len(todo) - len(waits)
+            st.misses += len(todo) + len(waits)
+            p = Pending(np.asarray(slots, dtype=np.int32), np.asarray(hit, dtype=bool),
+                        list(reversed(todo)), waits=waits)
+            if p.todo:
+                self._queued.append(p)
+        if p.todo and self._io.acquire(blocking=False):
+            try:
+                with self._lock:
+                    self._pump()
+            finally:
+                self._io.release()
         return p
 
     def finish(self, p: Pending) -> None:
@@ -233,45 +261,83 @@ class ExpertCache:
         t0 = time.perf_counter()
         deadline = t0 + self.load_timeout_s
         try:
-            while p.todo or p.inflight:
-                self._submit(p)
-                if p.error is not None and not p.inflight:
-                    break
-                done = self.loader.poll(max(0.0, deadline - time.perf_counter()))
-                if not done and time.perf_counter() >= deadline:
+            while True:
+                with self._lock:
+                    if self._settled(p):
+                        break
+                if self._io.acquire(blocking=False):  # lead: drive the loader for everyone
+                    try:
+                        with self._lock:
+                            self._pump()
+                            if self._settled(p):
+                                break
+                        left = max(0.0, deadline - time.perf_counter())
+                        done = self.loader.poll(min(left, self.POLL_SLICE_S) if self.shared
+                                                else left)
+                        for c in done:
+                            self._complete(c)
+                    finally:
+                        self._io.release()
+                    with self._cv:
+                        self._cv.notify_all()
+                else:  # follow: the leader completes our loads too
+                    with self._cv:
+                        if not self._settled(p):
+                            self._cv.wait(self.POLL_SLICE_S)
+                if time.perf_counter() >= deadline:
+                    with self._lock:
+                        n = len(p.inflight) + len(p.todo) + len(p.waits)
                     raise LoadError(f"timed out after {self.load_timeout_s:.0f}s waiting for "
-                                    f"{len(p.inflight)} expert loads (setting load_timeout_s)")
-                for c in done:
-                    self._complete(c)
-            for slot, gen, _layer, _e in p.todo:  # never submitted after an error
-                self.table.failed(slot, gen)
-            p.todo = []
+                                    f"{n} expert loads (setting load_timeout_s)")
         finally:
+            with self._lock:
+                for slot, gen, _layer, _e in p.todo:  # never submitted after an error
+                    self.table.failed(slot, gen)
+                p.todo = []
+                if p in self._queued:
+                    self._queued.remove(p)
+                for slot, layer, e in p.waits:
+                    if self.table.state(slot) != READY and p.error is None:
+                        p.error = f"layer {layer} expert {e}: its load failed in another request"
+                p.waits = []
             self.stats.io_wait_s += time.perf_counter() - t0
         if p.error is not None:
             raise LoadError(p.error)
 
+    def _settled(self, p: Pending) -> bool:
+        """Whether ``p`` has nothing left to wait for (call with the lock held)."""
+        if p.inflight:
+            return False
+        if p.error is not None:
+            return True
+        if p.todo:
+            return False
+        return all(self.table.state(slot) != LOADING for slot, _l, _e in p.waits)
+
     def prefetch(self, layer: int, experts: Iterable[int]) -> int:
         """Start loading predicted experts of a coming layer (those not cached yet); the next
-        ``begin`` settles them first. Returns how many loads were started."""
+        ``begin`` of this lane settles them first. Returns how many loads were started."""
         self._settle_prefetch()
-        want = [int(e) for e in experts if self.table.lookup((layer, int(e))) is None]
+        with self._lock:
+            want = [int(e) for e in experts if self.table.lookup((layer, int(e))) is None]
         if not want:
             return 0
         try:
-            self._prefetch = self.begin(layer, want)
+            p = self.begin(layer, want)
         except BudgetError:  # no free slot for a guess: skip it
-            self._prefetch = None
             return 0
-        self.stats.prefetched += len(self._prefetch.todo) + len(self._prefetch.inflight)
-        self.stats.misses -= len(want)  # guesses are not misses of the computation
-        self.stats.calls -= 1
+        self._local.prefetch = p
+        with self._lock:
+            self.stats.prefetched += len(p.todo) + len(p.inflight)
+            self.stats.misses -= len(want)  # guesses are not misses of the computation
+            self.stats.calls -= 1
         return len(want)
 
     def _settle_prefetch(self) -> None:
-        p, self._prefetch = self._prefetch, None
+        p = getattr(self._local, "prefetch", None)
         if p is None:
             return
+        self._local.prefetch = None
         try:
             self.finish(p)
         except LoadError:
@@ -280,11 +346,39 @@ class ExpertCache:
             self.release(p.slots)
 
     def release(self, slots: Iterable[int]) -> None:
-        for s in slots:
-            self.table.release(int(s))
+        with self._lock:
+            for s in slots:
+                self.table.release(int(s))
+            if self.shared:
+                self._cv.notify_all()
 
-    def _submit(self, p: Pending) -> None:
-        while p.todo and self._staging_free and p.error is None:
+    def defer(self, slots: np.ndarray) -> None:
+        """Keep pins until this lane's computation that reads ``slots`` has run: released by
+        ``release_deferred`` after the lane's next sync (shared caches only)."""
+        held = getattr(self._local, "held", None)
+        if held is None:
+            held = self._local.held = []
+        held.append(slots)
+
+    def release_deferred(self, sync: bool = False) -> None:
+        """Release this lane's deferred pins. ``sync``: first wait for all of this thread's
+        queued MLX work (when the caller has not synchronised on it)."""
+        held = getattr(self._local, "held", None)
+        if not held:
+            return
+        if sync:
+            mx.synchronize()
+        self._local.held = []
+        for slots in held:
+            self.release(slots)
+
+    def _pump(self) -> None:
+        """Submit queued loads while staging slots are free (``_io`` and the lock held)."""
+        while self._queued and self._staging_free:
+            p = self._queued[0]
+            if not p.todo or p.error is not None:
+                self._queued.pop(0)
+                continue
             slot, gen, layer, e = p.todo.pop()
             stage = self._staging_free.pop()
             req = self.loader.submit(stage, self.store.extents(layer, e),
@@ -293,22 +387,27 @@ class ExpertCache:
             self._owner[req] = p
 
     def _complete(self, c) -> None:
-        p = self._owner.pop(c.req, None)
-        if p is None:
-            return
-        entry = p.inflight.pop(c.req)
-        stage, slot, gen, layer, e = entry
-        if c.ok and p.error is None:
+        with self._lock:
+            p = self._owner.pop(c.req, None)
+            if p is None:
+                return
+            stage, slot, gen, layer, e = p.inflight[c.req]
+            ok = c.ok and p.error is None
+        if ok:  # the slot is LOADING and pinned: nobody else touches its bytes
             t1 = time.perf_counter()
             self._fill(slot, stage)
-            self.stats.copy_s += time.perf_counter() - t1
-            self.stats.bytes_read += c.nbytes
-            self.table.loaded(slot, gen)
-        else:
-            self.table.failed(slot, gen)
-            if not c.ok and p.error is None:
-                p.error = f"layer {layer} expert {e}: {c.error}"
-        self._staging_free.append(stage)
+            copy_s = time.perf_counter() - t1
+        with self._lock:
+            del p.inflight[c.req]
+            if ok:
+                self.stats.copy_s += copy_s
+                self.stats.bytes_read += c.nbytes
+                self.table.loaded(slot, gen)
+            else:
+                self.table.failed(slot, gen)
+                if not c.ok and p.error is None:
+                    p.error = f"layer {layer} expert {e}: {c.error}"
+            self._staging_free.append(stage)
 
     def _fill(self, slot: int, stage: int) -> None:
         if self.copier is not None:

@@ -9,6 +9,7 @@ requests on an engine thread for the daemon.
 
 from __future__ import annotations
 
+import os
 import queue
 import resource
 import sys
@@ -21,15 +22,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import psutil
 from mlx.utils import tree_flatten
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from flashmoe.configs import Settings, load_settings, parse_size
+from flashmoe.configs import ConfigError, Settings, load_settings, parse_size
 from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.orchestrator.cache import ExpertCache, plan_pool
 from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, make_copier, on_cuda
 from flashmoe.orchestrator.loaders import LoaderPool
-from flashmoe.orchestrator.scheduler import Chunk, GenRequest, Scheduler, sampler_for
+from flashmoe.orchestrator.scheduler import Chunk, GenRequest, Lanes, Scheduler, sampler_for
 from flashmoe.orchestrator.streamed import find_banks, install_streamed_banks
 from flashmoe.shm.pool import ExpertPool, cleanup_stale
 from flashmoe.store import open_store
@@ -91,6 +92,33 @@ def load_dense(path: Path, model_config: dict | None) -> tuple[nn.Module, dict]:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def resolve_lanes(setting: str, cache_slots: int, num_experts: int) -> int:
+    """Compute lanes: ``auto`` = one per CPU core (up to 4) on the CPU backend, 1 on a GPU;
+    never more than the cache can serve without running out of unpinned slots (a lane pins at
+    most one layer's experts plus one layer of prefetch guesses)."""
+    if str(setting) == "auto":
+        n = min(4, os.cpu_count() or 1) if mx.default_device() == mx.cpu else 1
+    else:
+        try:
+            n = int(setting)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ConfigError(f"setting lanes: expected auto or a number >= 1, got {setting!r}")
+    while n > 1 and cache_slots < n * 2 * num_experts:
+        n -= 1
+    return n
+
+
+def check_finite(logprob: mx.array, step: int) -> None:
+    """Refuse to go on from a NaN/inf log-probability: greedy sampling would silently turn it
+    into token 0 (a broken kernel, an overflowing dtype or corrupt weights, never a model's
+    answer)."""
+    if not bool(mx.isfinite(logprob).item()):
+        raise FlashMoeError(f"non-finite logits at generated token {step}: the computation "
+                            "broke down (dtype or backend problem); no token was produced")
+
+
 def default_budget(settings: Settings, dense_bytes: int) -> int:
     avail = psutil.virtual_memory().available
     return max(0, int((avail - dense_bytes) * settings.auto_budget_fraction))
@@ -102,11 +130,13 @@ class Engine:
     def __init__(self, model: str, settings: Settings | None = None, *,
                  memory_budget: str | int | None = None, workers: int | None = None,
                  io_threads: int | None = None, dtype: str | None = None,
-                 experts_per_token: int | None = None, max_batch: int = 8):
+                 experts_per_token: int | None = None, max_batch: int = 8,
+                 lanes: str | int | None = None):
         self.max_batch = max_batch
         self.settings = s = (settings or load_settings()).with_overrides(
             memory_budget=None if memory_budget is None else str(memory_budget),
-            workers=workers, io_threads=io_threads, dtype=dtype)
+            workers=workers, io_threads=io_threads, dtype=dtype,
+            lanes=None if lanes is None else str(lanes))
         self.model_path = Path(model)
         self.model_name = self.model_path.name
         self.store = open_store(self.model_path)
@@ -135,9 +165,11 @@ class Engine:
                                      io_mode=s.io_mode,
                                      start_timeout_s=s.worker_start_timeout_s,
                                      load_timeout_s=s.load_timeout_s)
+            self.lanes = resolve_lanes(s.lanes, self.plan.cache_slots, self.store.num_experts)
             self.cache = ExpertCache(self.store.layout, self.plan, self.compute_dtype,
                                      self.loader, self.pool, self.store,
-                                     load_timeout_s=4 * s.load_timeout_s)
+                                     load_timeout_s=4 * s.load_timeout_s,
+                                     shared=self.lanes > 1)
             self.cache.copier = make_copier(self.cache, self.pool)  # None unless on CUDA
             override = _config_override(self.store.config, experts_per_token)
             self.model, self.config = load_dense(self.store.dense_dir, override)
@@ -219,19 +251,25 @@ class Engine:
         t_first = None
         ids: list[int] = []
         finish = "length"
-        for token, _ in generate_step(mx.array(prompt), self.model, max_tokens=req.max_tokens,
-                                      sampler=sampler):
-            if t_first is None:
-                t_first = time.perf_counter()
-            if req.id in self._cancelled:
-                finish = "cancelled"
-                break
-            if token in eos:
-                finish = "stop"
-                break
-            ids.append(token)
-            detok.add_token(token)
-            yield Chunk(req.id, detok.last_segment, [token])
+        try:
+            for token, logprobs in generate_step(mx.array(prompt), self.model,
+                                                 max_tokens=req.max_tokens, sampler=sampler):
+                if t_first is None:
+                    t_first = time.perf_counter()
+                check_finite(logprobs[token], len(ids))
+                if req.id in self._cancelled:
+                    finish = "cancelled"
+                    break
+                if token in eos:
+                    finish = "stop"
+                    break
+                ids.append(token)
+                detok.add_token(token)
+                yield Chunk(req.id, detok.last_segment, [token])
+        finally:
+            if self.cache.shared:  # the pins of the last layers, once their work has run
+                mx.synchronize(generation_stream)
+                self.cache.release_deferred(sync=True)
         detok.finalize()
         t_end = time.perf_counter()
         stats = self.request_stats(snap, len(prompt), len(ids), t0, t_first or t_end, t_end)
@@ -291,7 +329,10 @@ class Engine:
         self._cancelled.add(req_id)
 
     def _loop(self) -> None:
-        Scheduler(self, max_batch=self.max_batch).run(self._queue, self._cancelled)
+        if self.lanes > 1:
+            Lanes(self, self.lanes, max_batch=self.max_batch).run(self._queue, self._cancelled)
+        else:
+            Scheduler(self, max_batch=self.max_batch).run(self._queue, self._cancelled)
 
     def status(self) -> dict:
         st = self.cache.stats
@@ -306,6 +347,7 @@ class Engine:
             "budget_bytes": self.budget,
             "cache_slots": self.plan.cache_slots,
             "cache_slots_ready": ready,
+            "lanes": self.lanes,
             "pool_bytes_used": ready * self.plan.cache_record_bytes
             + self.plan.staging_slots * self.plan.staging_slot_bytes,
             "expert_hit_rate": st.hit_rate(),

@@ -1,22 +1,29 @@
-"""Continuous batching on the engine thread: every active request decodes in one model call.
+"""Continuous batching on compute lanes: the requests of a lane decode in one model call.
 
-The requests step together through mlx-lm's ``BatchGenerator``, so each MoE layer routes the
-whole batch at once and loads the union of its experts once: concurrent streams share expert
-I/O. Each request keeps its own sampler, token budget and detokenizer. A request that fails in a
-step (a corrupt expert, say) fails the whole batch: the batch state is then unknown, so every
-active request gets the error and a fresh generator takes the next ones.
+The requests of a lane step together through mlx-lm's ``BatchGenerator``, so each MoE layer
+routes the lane's whole batch at once and loads the union of its experts once. Each request
+keeps its own sampler, token budget and detokenizer. A request that fails in a step (a corrupt
+expert, say) fails its lane's batch: the batch state is then unknown, so every active request of
+that lane gets the error and a fresh generator takes the next ones.
+
+``Lanes`` runs several such schedulers, each on its own thread and so on its own MLX stream,
+over one shared expert cache: while one lane waits for its experts or its routing sync, another
+computes. On the CPU backend a lane computes on one core (a batch of N rows costs N single rows
+there), so lanes are what turns concurrent requests into more tokens per second; on a GPU one
+lane's I/O overlaps the other's compute. Experts loaded by one lane are hits for the others.
 """
 
 from __future__ import annotations
 
 import queue
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, generation_stream
 from mlx_lm.sample_utils import make_sampler
 
 from flashmoe.errors import FlashMoeError
@@ -84,6 +91,7 @@ class Scheduler:
         while not stopping or self.active:
             stopping = self._admit(requests, cancelled) or stopping
             if not self.active:
+                self._idle()
                 continue
             self._cancel(cancelled)
             if not self.active:
@@ -104,6 +112,13 @@ class Scheduler:
                 if a is None:
                     continue
                 a.t_first = a.t_first or now
+                if not bool(mx.isfinite(r.logprobs[r.token]).item()):
+                    if r.finish_reason is None:
+                        self.gen.remove([r.uid])
+                    self._finish(r.uid, "error", error=f"non-finite logits at generated token "
+                                 f"{len(a.ids)}: the computation broke down (dtype or backend "
+                                 "problem)")
+                    continue
                 if r.finish_reason == "stop":
                     self._finish(r.uid, "stop")
                     continue
@@ -112,6 +127,13 @@ class Scheduler:
                 a.on_chunk(Chunk(a.req.id, a.detok.last_segment, [r.token]))
                 if r.finish_reason == "length":
                     self._finish(r.uid, "length")
+
+    def _idle(self) -> None:
+        """Nothing active: once this lane's queued work has run, its deferred pins go."""
+        cache = self.engine.cache
+        if cache.shared:
+            mx.synchronize(generation_stream)
+            cache.release_deferred(sync=True)
 
     def _admit(self, requests: queue.Queue, cancelled: set) -> bool:
         """Insert queued requests; blocks only while nothing is active. True on shutdown."""
@@ -161,3 +183,46 @@ class Scheduler:
                                          finish_reason=reason, stats=stats, error=error))
         except Exception as e:  # a broken callback must not take the engine down
             print(f"engine: callback for {a.req.id} failed: {e!r}", file=sys.stderr, flush=True)
+
+
+class Lanes:
+    """``n`` schedulers on their own threads, fed from one request queue: each request goes to
+    the lane with the fewest requests assigned and not finished."""
+
+    def __init__(self, engine, n: int, max_batch: int = 8):
+        per_lane = max(1, -(-max_batch // n))
+        self.lanes = [Scheduler(engine, max_batch=per_lane) for _ in range(n)]
+        self.queues: list[queue.Queue] = [queue.Queue() for _ in range(n)]
+        self.assigned = [0] * n
+        self._lock = threading.Lock()
+
+    def run(self, requests: queue.Queue, cancelled: set) -> None:
+        threads = [threading.Thread(target=lane.run, args=(q, cancelled), daemon=True,
+                                    name=f"flashmoe-lane-{i}")
+                   for i, (lane, q) in enumerate(zip(self.lanes, self.queues, strict=True))]
+        for t in threads:
+            t.start()
+        try:
+            while True:
+                item = requests.get()
+                if item is None:
+                    break
+                req, on_chunk = item
+                with self._lock:
+                    i = min(range(len(self.lanes)), key=self.assigned.__getitem__)
+                    self.assigned[i] += 1
+                self.queues[i].put((req, self._counted(i, on_chunk)))
+        finally:
+            for q in self.queues:
+                q.put(None)
+            for t in threads:
+                t.join()
+
+    def _counted(self, i: int, on_chunk: Callable) -> Callable:
+        def wrapped(chunk: Chunk) -> None:
+            if chunk.finish_reason is not None:
+                with self._lock:
+                    self.assigned[i] -= 1
+            on_chunk(chunk)
+
+        return wrapped

@@ -77,6 +77,9 @@ class StreamedBank:
         t0 = time.perf_counter()
         ids = np.array(indices)  # the one host sync per MoE layer: routing decides the loads
         st.route_s += time.perf_counter() - t0
+        shared = self.cache.shared
+        if shared:  # this lane's earlier layers have been computed: their slots may go
+            self.cache.release_deferred()
         experts = np.unique(ids)
         if st.trace is not None:
             st.trace.append((self.layer, experts.tolist()))
@@ -95,9 +98,9 @@ class StreamedBank:
                 out = part if out is None else out + part
             return out
         p = self.cache.begin(self.layer, experts)
-        if self.predict_next is not None and ids.size < SORT_MIN:
-            self._prefetch_next(x)
         try:
+            if self.predict_next is not None and ids.size < SORT_MIN:
+                self._prefetch_next(x)
             remap = np.zeros(self.num_experts, dtype=np.uint32)
             remap[experts] = p.slots
             hits = experts[p.hit]
@@ -116,7 +119,10 @@ class StreamedBank:
                 st.expert_s += time.perf_counter() - t1
             return out
         finally:
-            self.cache.release(p.slots)
+            if shared:  # ``out`` is lazy: another lane must not reuse these slots before it runs
+                self.cache.defer(p.slots)
+            else:
+                self.cache.release(p.slots)
 
     def _prefetch_next(self, x):
         """Guess the next MoE layer's experts by applying its router to this layer's input
