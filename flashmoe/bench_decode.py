@@ -109,14 +109,14 @@ def _concurrent(eng, n: int, vocab: int, a: dict) -> float:
     eng.start()
     done = threading.Event()
     firsts: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    times: list[float] = []  # when each generated token arrived
     ends: dict[str, float] = {}
 
     def on_chunk(c):
         now = time.perf_counter()
         if c.token_ids:
             firsts.setdefault(c.id, now)
-            counts[c.id] = counts.get(c.id, 0) + len(c.token_ids)
+            times.extend([now] * len(c.token_ids))
         if c.finish_reason:
             ends[c.id] = now
             if len(ends) == n:
@@ -127,8 +127,10 @@ def _concurrent(eng, n: int, vocab: int, a: dict) -> float:
                               max_tokens=a["tokens"]), on_chunk)
     if not done.wait(timeout=3600):
         raise FlashMoeError(f"{n} concurrent streams did not finish within an hour")
-    start = max(firsts.values())  # every stream has prefilled: from here all decode together
-    tokens = sum(max(c - 1, 0) for c in counts.values())
+    # From the moment every stream has prefilled, all decode together: count only the tokens
+    # that arrived after it.
+    start = max(firsts.values())
+    tokens = sum(1 for t in times if t > start)
     return tokens / max(max(ends.values()) - start, 1e-9)
 
 
@@ -162,9 +164,37 @@ def baseline_side(a: dict) -> dict:
             t_first = time.perf_counter()
         n += 1
     t_end = time.perf_counter()
-    return {"load_s": load_s,
-            "decode_tokens_per_s": (n - 1) / max(t_end - t_first, 1e-9),
-            "prefill_tokens_per_s": a["prompt_tokens"] / max(t_first - t0, 1e-9)}
+    out = {"load_s": load_s,
+           "decode_tokens_per_s": (n - 1) / max(t_end - t_first, 1e-9),
+           "prefill_tokens_per_s": a["prompt_tokens"] / max(t_first - t0, 1e-9)}
+    out["aggregate"] = {"1": out["decode_tokens_per_s"]}
+    for n_streams in a["streams"]:
+        if n_streams > 1:
+            out["aggregate"][str(n_streams)] = _batched_in_memory(model, _vocab(config),
+                                                                  n_streams, a)
+    return out
+
+
+def _batched_in_memory(model, vocab: int, n: int, a: dict) -> float:
+    """Aggregate decode tokens/s of ``n`` streams in mlx-lm's own ``BatchGenerator`` (one
+    thread, the batch in one model call), counted as ``_concurrent`` counts ours."""
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, stop_tokens=[], completion_batch_size=n, prefill_batch_size=n)
+    gen.insert([prompt_ids(vocab, a["prompt_tokens"], i + 1) for i in range(n)],
+               max_tokens=[a["tokens"]] * n)
+    firsts: dict[int, float] = {}
+    times: list[float] = []
+    finished = 0
+    while finished < n:
+        _, responses = gen.next()
+        now = time.perf_counter()
+        for r in responses:
+            firsts.setdefault(r.uid, now)
+            times.append(now)
+            finished += r.finish_reason is not None
+    start = max(firsts.values())
+    return sum(1 for t in times if t > start) / max(times[-1] - start, 1e-9)
 
 
 def config_of(model: str) -> dict:
@@ -255,6 +285,7 @@ def run_decode_bench(args) -> int:
     if args.baseline:
         b = _child("baseline", a, None)
         result.update(baseline_decode_tokens_per_s=b["decode_tokens_per_s"],
+                      baseline_aggregate_tokens_per_s=b["aggregate"],
                       baseline_prefill_tokens_per_s=b["prefill_tokens_per_s"],
                       ratio=s["decode_tokens_per_s"] / b["decode_tokens_per_s"],
                       prefill_ratio=s["prefill_tokens_per_s"] / b["prefill_tokens_per_s"],
@@ -276,6 +307,8 @@ def run_decode_bench(args) -> int:
         print(f"in memory (mlx-lm): decode {result['baseline_decode_tokens_per_s']:.3f} tok/s, "
               f"prefill {result['baseline_prefill_tokens_per_s']:.2f} tok/s; ratio "
               f"{result['ratio']:.3f} decode, {result['prefill_ratio']:.3f} prefill")
+        print("in memory aggregate decode tok/s by streams: " + ", ".join(
+            f"{k}: {v:.3f}" for k, v in sorted(b["aggregate"].items(), key=lambda kv: int(kv[0]))))
     if s.get("profile"):
         print("time per token (s): " + ", ".join(f"{k} {v:.4f}" for k, v in s["profile"].items()))
     return 0

@@ -26,6 +26,8 @@ def test_bench_decode_json(tmp_path):
     assert r["ratio"] > 0 and 0 <= r["hit_rate"] <= 1
     assert r["bytes_per_token"] > 0  # 400 KiB holds a fraction of the experts
     assert set(r["aggregate_tokens_per_s"]) == {"1", "2"}
+    assert set(r["baseline_aggregate_tokens_per_s"]) == {"1", "2"}
+    assert all(v > 0 for v in r["baseline_aggregate_tokens_per_s"].values())
     assert set(r["streamed"]["profile"]) >= {"io_wait", "expert_compute", "dense_and_routing"}
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
     assert lines and all({"layer", "experts"} <= set(x) for x in lines)
