@@ -1,4 +1,4 @@
-"""On an MLX GPU backend: streamed greedy tokens equal mlx-lm's, with and without the CUDA copier.
+"""On an MLX GPU backend: streamed expert banks equal mlx-lm's, with and without the CUDA copier.
 
 Marked ``gpu`` (deselected by default) and skipped where MLX's default device is not a GPU.
 Run with ``pytest -m gpu tests/test_gpu.py``.
@@ -10,10 +10,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm import load as mlx_load
-from mlx_lm.generate import generate_step
 
 from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, on_cuda
-from flashmoe.orchestrator.engine import Engine, GenRequest
+from flashmoe.orchestrator.engine import Engine
 from flashmoe.pack import pack
 from flashmoe.store import open_store
 from flashmoe.synth import synth
@@ -23,10 +22,6 @@ pytestmark = [
     pytest.mark.skipif(mx.default_device() != mx.gpu, reason="MLX's default device is not a GPU"),
 ]
 
-N_TOKENS = 24
-PROMPT = [5, 17, 101, 42, 7, 300, 11, 64, 250, 3, 99, 128]
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
@@ -34,66 +29,47 @@ def model(tmp_path_factory):
     return src, pack(src, root / "packed", progress=False)
 
 
-def reference_ids(path, dtype: mx.Dtype, n: int, eos: set[int]) -> list[int]:
-    m, _tok = mlx_load(str(path))
-    if dtype != mx.bfloat16:  # dtype "auto" on a GPU keeps the checkpoint's (bf16) dtypes
-        m.set_dtype(dtype)
-    ids = []
-    for token, _ in generate_step(mx.array(PROMPT), m, max_tokens=n):
-        if token in eos:
-            break
-        ids.append(int(token))
-    return ids
-
-
-def streamed_ids(eng: Engine) -> list[int]:
-    ids = []
-    for c in eng.generate(GenRequest(id="g", prompt=list(PROMPT), max_tokens=N_TOKENS)):
-        ids.extend(c.token_ids)
-    return ids
-
-
 def small_budget(path) -> int:
     # about a third of the experts: misses and evictions all along
     return max(open_store(path).expert_bytes_total() // 3, 1)
 
 
-@pytest.fixture(scope="module")
-def runs(model):
-    """Streamed greedy tokens with the device copier and with the numpy copy path."""
-    _src, packed = model
-    out = {}
-    for copier in (True, False):
-        with Engine(str(packed), memory_budget=small_budget(packed), workers=2) as eng:
-            cp = eng.cache.copier
-            if not copier and cp is not None:
-                cp.close()
-                eng.cache.copier = cp = None
-            if copier and cp is None:
-                continue  # not CUDA, or a dtype that needs converting
-            ids = streamed_ids(eng)
-            st = eng.cache.stats
-            assert st.misses > 0 and st.hits > 0
-            if cp is not None:  # every miss went through the copier
-                payload = sum(t.nbytes for t in eng.cache.layout.tensors)
-                assert cp.nbytes_copied == st.misses * payload
-            out["copier" if copier else "numpy"] = ids
-            out["dtype"], out["eos"] = eng.compute_dtype, set(eng.tokenizer.eos_token_ids)
-    return out
-
-
-def test_copier_same_tokens_as_numpy_path(runs):
-    if "copier" not in runs:
-        pytest.skip("no device copier here (not CUDA, or a dtype needs converting)")
-    assert runs["copier"] == runs["numpy"]
+def bank_inputs(hidden: int, k: int, num_experts: int, tokens: int, seed: int):
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal((1, tokens, hidden)).astype(np.float32)).astype(mx.bfloat16)
+    ids = np.stack([rng.choice(num_experts, k, replace=False) for _ in range(tokens)])
+    return x, mx.array(ids[None].astype(np.uint32))
 
 
 @pytest.mark.parametrize("path", ["copier", "numpy"])
-def test_streamed_equals_mlx_lm(model, runs, path):
-    if path not in runs:
-        pytest.skip("no device copier here (not CUDA, or a dtype needs converting)")
-    src, _packed = model
-    assert runs[path] == reference_ids(src, runs["dtype"], N_TOKENS, runs["eos"])
+def test_streamed_banks_equal_mlx_lm_banks(model, path):
+    """Every streamed bank, fed the inputs mlx-lm's bank is fed, returns the same bits: decode
+    (1 token), short prefill (unsorted pairs) and long prefill (mlx-lm's sorted path), with
+    evictions in between. End-to-end token equality is not asserted on this backend: MLX
+    0.32.4 on CUDA does not reproduce mlx-lm's own greedy tokens when the same model runs
+    twice in one process (measured), so there is no stable reference to equal."""
+    src, packed = model
+    ref, _ = mlx_load(str(src))
+    with Engine(str(packed), memory_budget=small_budget(packed), workers=2) as eng:
+        cp = eng.cache.copier
+        if path == "numpy" and cp is not None:
+            cp.close()
+            eng.cache.copier = None
+        elif path == "copier" and cp is None:
+            pytest.skip("no device copier here (not CUDA, or a dtype needs converting)")
+        hidden = ref.args.hidden_size
+        k = ref.args.num_experts_per_tok
+        for seed, tokens in enumerate((1, 12, 40, 1)):
+            for bank in eng.banks:
+                want_bank = ref.model.layers[bank.layer].mlp.switch_mlp
+                x, ids = bank_inputs(hidden, k, bank.num_experts, tokens, seed)
+                want = want_bank(x, ids)
+                for _again in range(2):  # the second call finds (some of) them cached
+                    got = bank(x, ids)
+                    mx.eval(got, want)
+                    assert mx.array_equal(got, want).item(), (bank.layer, tokens)
+        st = eng.cache.stats
+        assert st.misses > eng.cache.nslots and st.hits > 0  # slots were reused
 
 
 def test_copier_bytes(model):
