@@ -199,6 +199,7 @@ class ExpertCache:
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
         self._io = threading.Lock()  # held by the one thread that talks to the loader pool
+        self._why: dict[tuple[int, int], str] = {}  # (layer, expert) -> why its last load failed
         self._local = threading.local()  # per lane: its prefetch and its deferred pins
 
     @property
@@ -298,7 +299,8 @@ class ExpertCache:
                     self._queued.remove(p)
                 for slot, layer, e in p.waits:
                     if self.table.state(slot) != READY and p.error is None:
-                        p.error = f"layer {layer} expert {e}: its load failed in another request"
+                        p.error = self._why.get(
+                            (layer, e), f"layer {layer} expert {e}: its load failed")
                 p.waits = []
             self.stats.io_wait_s += time.perf_counter() - t0
         if p.error is not None:
@@ -403,10 +405,16 @@ class ExpertCache:
                 self.stats.copy_s += copy_s
                 self.stats.bytes_read += c.nbytes
                 self.table.loaded(slot, gen)
+                self._why.pop((layer, e), None)
             else:
                 self.table.failed(slot, gen)
-                if not c.ok and p.error is None:
-                    p.error = f"layer {layer} expert {e}: {c.error}"
+                if not c.ok:
+                    why = f"layer {layer} expert {e}: {c.error}"
+                    if len(self._why) >= 4096:
+                        self._why.clear()
+                    self._why[(layer, e)] = why  # for lanes that wait on the same load
+                    if p.error is None:
+                        p.error = why
             self._staging_free.append(stage)
 
     def _fill(self, slot: int, stage: int) -> None:

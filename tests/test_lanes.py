@@ -162,3 +162,55 @@ def test_non_finite_logits_are_an_error_not_token_zero(model):
         assert done.wait(60)
         assert got[-1].finish_reason == "error" and "non-finite" in got[-1].error
         assert not any(c.token_ids for c in got)
+
+
+def test_two_lanes_survive_killed_workers(model, reference):
+    from conftest import WorkerKiller
+
+    with Engine(str(model), memory_budget=budget_for(model, 80), dtype="float32",
+                lanes=2, max_batch=4, workers=2) as eng:
+        with WorkerKiller(eng.loader.workers_info, every_s=0.15) as killer:
+            got = run_concurrently(eng, PROMPTS)
+        assert killer.kills > 0 and eng.loader.restarts > 0
+        assert got == reference
+
+
+def test_corrupt_expert_is_an_error_on_every_lane_and_the_engine_goes_on(
+        model, reference, tmp_path):
+    from flashmoe.pack import pack
+
+    packed = pack(model, tmp_path / "packed", progress=False)
+    store = open_store(packed)
+    layer = store.moe_layers[0]
+    originals = {}
+    for e in range(store.num_experts):  # every expert of the first MoE layer: all requests meet one
+        ext = store.extents(layer, e)[0]
+        with open(ext.path, "r+b") as f:
+            f.seek(ext.offset + 7)
+            b = f.read(1)
+            originals[(ext.path, ext.offset + 7)] = b
+            f.seek(ext.offset + 7)
+            f.write(bytes([b[0] ^ 0xFF]))
+    with Engine(str(packed), memory_budget=budget_for(packed, 80), dtype="float32",
+                lanes=2, max_batch=4) as eng:
+        eng.start()
+        done = threading.Event()
+        ends: dict[str, object] = {}
+
+        def on_chunk(c):
+            if c.finish_reason:
+                ends[c.id] = c
+                if len(ends) == 2:
+                    done.set()
+
+        for p in PROMPTS[:2]:
+            eng.submit(GenRequest(id=p, prompt=p, max_tokens=N_TOKENS), on_chunk)
+        assert done.wait(120)
+        for c in ends.values():
+            assert c.finish_reason == "error" and "checksum" in c.error, c.error
+            assert f"layer {layer}" in c.error
+        for (path, off), b in originals.items():  # repaired: the same engine serves again
+            with open(path, "r+b") as f:
+                f.seek(off)
+                f.write(b)
+        assert run_concurrently(eng, PROMPTS[2:]) == {p: reference[p] for p in PROMPTS[2:]}
