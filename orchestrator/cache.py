@@ -374,6 +374,17 @@ class ExpertCache:
         for slots in held:
             self.release(slots)
 
+    def tend(self) -> None:
+        """While the engine idles: let the loader pool supervise its workers (a dead one is
+        replaced now, not at the next load) and collect anything that arrived."""
+        if self._io.acquire(blocking=False):
+            try:
+                done = self.loader.poll(0.0)
+                for c in done:
+                    self._complete(c)
+            finally:
+                self._io.release()
+
     def _pump(self) -> None:
         """Submit queued loads while staging slots are free (``_io`` and the lock held)."""
         while self._queued and self._staging_free:

@@ -129,11 +129,13 @@ class Scheduler:
                     self._finish(r.uid, "length")
 
     def _idle(self) -> None:
-        """Nothing active: once this lane's queued work has run, its deferred pins go."""
+        """Nothing active: once this lane's queued work has run, its deferred pins go; the
+        loader workers are supervised (about twice a second while idle)."""
         cache = self.engine.cache
         if cache.shared:
             mx.synchronize(generation_stream)
             cache.release_deferred(sync=True)
+        cache.tend()
 
     def _admit(self, requests: queue.Queue, cancelled: set) -> bool:
         """Insert queued requests; blocks only while nothing is active. True on shutdown."""

@@ -100,6 +100,23 @@ def test_killed_workers_lose_nothing(tiny_model: Path) -> None:
               f"last replacement {e.loader.last_restart_s:.3f} s")  # fmt: skip
 
 
+def test_dead_worker_of_an_idle_engine_is_replaced_without_a_request(tiny_model: Path) -> None:
+    """The engine thread supervises the loader workers while it waits for requests: a worker
+    killed while nothing runs is back before the next request needs it."""
+    from flashmoe.orchestrator.engine import Engine
+
+    with Engine(str(tiny_model), memory_budget=SMALL_BUDGET, workers=2) as e:
+        e.start()
+        pid = e.loader.workers_info()[0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: e.loader.restarts == 1
+                 and all(w["state"] == "ready" for w in e.loader.workers_info()), 10,
+                 "the idle engine to replace its dead worker")  # fmt: skip
+        assert pid not in {w["pid"] for w in e.loader.workers_info()}
+        assert {p.pid for p in loader_workers(os.getpid())} == {
+            w["pid"] for w in e.loader.workers_info()}
+
+
 _KILLED_AFTER_HELLO = """
 import os, signal, sys, time
 from flashmoe.shm.pool import ExpertPool
