@@ -336,7 +336,7 @@ class Front:
             return
         req = new_request(
             id=key,
-            prompt=msg.prompt,
+            prompt=msg.prompt if msg.prompt_ids is None else list(msg.prompt_ids),
             messages=msg.messages,
             max_tokens=msg.max_tokens,
             temperature=msg.temperature,

@@ -230,7 +230,7 @@ class Client:
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | list[int],
         max_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -239,15 +239,18 @@ class Client:
         seed: int | None = None,
         stream: bool = False,
     ) -> Result | Stream:
-        """Complete raw text. Returns a ``Result``, or with ``stream=True`` a ``Stream``.
+        """Complete raw text, or token ids (a list of ints, used as they are, no special
+        tokens added). Returns a ``Result``, or with ``stream=True`` a ``Stream``.
 
         Raises:
             RequestRejected: invalid parameters, prompt too long, engine error.
             Timeout, DaemonNotRunning: see the class docstring.
         """
+        ids = isinstance(prompt, (list, tuple))
         return self._start(
             stream,
-            prompt=prompt,
+            prompt=None if ids else prompt,
+            prompt_ids=list(prompt) if ids else None,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,

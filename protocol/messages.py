@@ -28,7 +28,7 @@ import msgpack
 
 from flashmoe.errors import FlashMoeError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Generate.prompt_ids
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # the default of settings.max_message_bytes
 
 _U63 = (1 << 63) - 1
@@ -261,10 +261,12 @@ _ROLE_MESSAGE = _record(role=_str(64), content=_str())
     min_p=_float(0.0, 1.0),
     seed=_optional(_int(0, (1 << 64) - 1)),
     stream=_bool,
+    prompt_ids=_optional(_list(_int(0, (1 << 31) - 1), 1 << 20)),
 )
 @dataclass(slots=True)
 class Generate:
-    """Generate from exactly one of ``prompt`` (raw text) or ``messages`` (chat)."""
+    """Generate from exactly one of ``prompt`` (raw text), ``prompt_ids`` (token ids, used as
+    they are) or ``messages`` (chat)."""
 
     id: str
     prompt: str | None = None
@@ -276,6 +278,7 @@ class Generate:
     min_p: float = 0.0
     seed: int | None = None
     stream: bool = True
+    prompt_ids: list[int] | None = None
     TAG: ClassVar[int]
 
 
@@ -338,8 +341,10 @@ CLIENT_ACCEPTS = frozenset({Token, Done, Error, StatusReply})
 
 
 def _cross_check(msg: Any) -> None:
-    if type(msg) is Generate and (msg.prompt is None) == (msg.messages is None):
-        raise ProtocolError("bad_field", "Generate needs exactly one of prompt or messages")
+    if type(msg) is Generate and sum(
+            x is not None for x in (msg.prompt, msg.prompt_ids, msg.messages)) != 1:
+        raise ProtocolError("bad_field",
+                            "Generate needs exactly one of prompt, prompt_ids or messages")
 
 
 # -- encode / decode ------------------------------------------------------------------------

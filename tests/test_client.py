@@ -112,6 +112,21 @@ def test_cancel_by_id(daemon: Daemon) -> None:
         assert stream.result.finish_reason == "cancelled" and n < 20000
 
 
+def test_generate_from_token_ids(daemon: Daemon, reference: dict) -> None:
+    ids = reference["prompt_ids"]
+    with daemon.client() as c:
+        r = c.generate(ids, max_tokens=MAX_TOKENS)
+        assert r.token_ids == reference[PROMPTS[2]][0]
+        streamed = [t for ch in c.generate(tuple(ids), max_tokens=MAX_TOKENS, stream=True)
+                    for t in ch.token_ids]
+        assert streamed == reference[PROMPTS[2]][0]
+        for bad in ([], [-1], [1.5], [True], [2**40]):
+            with pytest.raises(RequestRejected):
+                c.generate(bad, max_tokens=4)
+        with pytest.raises(RequestRejected, match="0"):
+            c.generate([10**9], max_tokens=4)  # past the vocabulary: the engine says so
+
+
 def test_one_client_shared_by_threads(daemon: Daemon, reference: dict) -> None:
     out: dict[int, object] = {}
     with daemon.client() as c:

@@ -29,6 +29,7 @@ SAMPLES = [
     m.StatusRequest(),
     m.StatusReply(status={"workers": [{"pid": 1, "state": "ready"}], "ok": True}),
     m.Cancel(id="r1"),
+    m.Generate(id="r3", prompt_ids=[1, 2, 3], max_tokens=4),
 ]
 
 
@@ -83,9 +84,9 @@ REQ = SAMPLES[1]
         (dict(extents={"a": 1}), "bad_field"),
         (dict(slot=KeyError), "bad_fields"),
         (dict(extra=1), "bad_fields"),
-        (dict(v=2), "bad_version"),
+        (dict(v=m.PROTOCOL_VERSION + 1), "bad_version"),
         (dict(v=KeyError), "bad_version"),
-        (dict(v="1"), "bad_version"),
+        (dict(v=str(m.PROTOCOL_VERSION)), "bad_version"),
     ],
 )
 def test_bad_fields_rejected(changes, code):
@@ -101,6 +102,11 @@ def test_bad_fields_rejected(changes, code):
         dict(max_tokens=0),
         dict(prompt=None),  # neither prompt nor messages
         dict(messages=[{"role": "user", "content": "x"}]),  # both
+        dict(prompt_ids=[1, 2]),  # prompt and prompt_ids
+        dict(prompt=None, prompt_ids=[-1]),
+        dict(prompt=None, prompt_ids=[1.0]),
+        dict(prompt=None, prompt_ids=[True]),
+        dict(prompt=None, prompt_ids="12"),
         dict(messages=[{"role": "user"}], prompt=None),
         dict(seed=-1),
         dict(stream="yes"),
