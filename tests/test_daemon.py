@@ -31,6 +31,7 @@ from flashmoe.protocol.client import (
 )
 from flashmoe.protocol.messages import (
     CLIENT_ACCEPTS,
+    PROTOCOL_VERSION,
     Error,
     Generate,
     StatusReply,
@@ -247,7 +248,8 @@ def test_eight_concurrent_clients(daemon: Daemon, reference: dict) -> None:
 def test_bad_messages_get_errors_and_the_loop_survives(daemon: Daemon) -> None:
     huge = Generate(id="x", prompt="hi", max_tokens=10**6)
     bad_version = encode(Generate(id="v", prompt="hi"))
-    bad_version[1] = bad_version[1].replace(b"\xa1v\x01", b"\xa1v\x63")
+    v = PROTOCOL_VERSION
+    bad_version[1] = bad_version[1].replace(b"\xa1v" + bytes([v]), b"\xa1v" + bytes([v + 99]))
     cases = {
         "bad_frames": [b"\x10"],
         "unknown_type": [b"\xff", b"\x80"],
