@@ -405,7 +405,8 @@ class ExpertCache:
             if p is None:
                 return
             stage, slot, gen, layer, e = p.inflight[c.req]
-            ok = c.ok and p.error is None
+            ok = c.ok  # good bytes are kept even if another load of ``p`` failed: other
+            # lanes may be waiting for this expert
         if ok:  # the slot is LOADING and pinned: nobody else touches its bytes
             t1 = time.perf_counter()
             self._fill(slot, stage)

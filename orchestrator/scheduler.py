@@ -9,8 +9,9 @@ that lane gets the error and a fresh generator takes the next ones.
 ``Lanes`` runs several such schedulers, each on its own thread and so on its own MLX stream,
 over one shared expert cache: while one lane waits for its experts or its routing sync, another
 computes. On the CPU backend a lane computes on one core (a batch of N rows costs N single rows
-there), so lanes are what turns concurrent requests into more tokens per second; on a GPU one
-lane's I/O overlaps the other's compute. Experts loaded by one lane are hits for the others.
+there), so lanes are what turns concurrent requests into more tokens per second. (On a GPU a
+second lane measured no gain: one lane there by default.) Experts loaded by one lane are hits
+for the others.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.gen: BatchGenerator | None = None
         self.active: dict[int, _Active] = {}
+        self._tend_error: str | None = None
 
     def _new_gen(self) -> BatchGenerator:
         eos = [[t] for t in self.engine.tokenizer.eos_token_ids]
@@ -135,7 +137,13 @@ class Scheduler:
         if cache.shared:
             mx.synchronize(generation_stream)
             cache.release_deferred(sync=True)
-        cache.tend()
+        try:
+            cache.tend()
+            self._tend_error = None
+        except Exception as e:  # a worker that cannot be replaced: the next load reports it
+            if repr(e) != self._tend_error:  # once per distinct failure, not twice a second
+                print(f"engine: loader supervision failed: {e!r}", file=sys.stderr, flush=True)
+            self._tend_error = repr(e)
 
     def _admit(self, requests: queue.Queue, cancelled: set) -> bool:
         """Insert queued requests; blocks only while nothing is active. True on shutdown."""
