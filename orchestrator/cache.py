@@ -107,6 +107,7 @@ class Pending:
     inflight: dict = field(default_factory=dict)  # req -> (stage, slot, gen, layer, expert)
     error: str | None = None
     waits: list = field(default_factory=list)  # (slot, layer, expert) another lane is loading
+    landed: list = field(default_factory=list)  # slots loaded since the last ``progress``
 
     def todo_or_inflight(self) -> bool:
         return bool(self.todo or self.inflight or self.waits)
@@ -124,7 +125,8 @@ class CacheStats:
     profile: bool = False
     route_s: float = 0.0
     prefetched: int = 0
-    overlapped: int = 0  # bank calls that computed their cached experts while misses loaded
+    overlapped: int = 0  # bank calls that computed experts while other experts still loaded
+    parts: int = 0  # the pieces those calls were computed in (cached, then as misses landed)
     trace: list | None = None  # (layer, experts) per bank call, when a benchmark records it
     expert_s: float = 0.0
 
@@ -260,36 +262,8 @@ class ExpertCache:
         """Wait for every load of ``p``; raise ``LoadError`` if one failed. The caller still
         holds the pins of ``p.slots`` either way and releases them."""
         t0 = time.perf_counter()
-        deadline = t0 + self.load_timeout_s
         try:
-            while True:
-                with self._lock:
-                    if self._settled(p):
-                        break
-                if self._io.acquire(blocking=False):  # lead: drive the loader for everyone
-                    try:
-                        with self._lock:
-                            self._pump()
-                            if self._settled(p):
-                                break
-                        left = max(0.0, deadline - time.perf_counter())
-                        done = self.loader.poll(min(left, self.POLL_SLICE_S) if self.shared
-                                                else left)
-                        for c in done:
-                            self._complete(c)
-                    finally:
-                        self._io.release()
-                    with self._cv:
-                        self._cv.notify_all()
-                else:  # follow: the leader completes our loads too
-                    with self._cv:
-                        if not self._settled(p):
-                            self._cv.wait(self.POLL_SLICE_S)
-                if time.perf_counter() >= deadline:
-                    with self._lock:
-                        n = len(p.inflight) + len(p.todo) + len(p.waits)
-                    raise LoadError(f"timed out after {self.load_timeout_s:.0f}s waiting for "
-                                    f"{n} expert loads (setting load_timeout_s)")
+            self._wait(p, lambda: False)
         finally:
             with self._lock:
                 for slot, gen, _layer, _e in p.todo:  # never submitted after an error
@@ -305,6 +279,51 @@ class ExpertCache:
             self.stats.io_wait_s += time.perf_counter() - t0
         if p.error is not None:
             raise LoadError(p.error)
+
+    def progress(self, p: Pending) -> list[int]:
+        """Wait until one more of ``p``'s own loads has landed (or none is left to wait for);
+        return the cache slots that landed since the last call, ready to compute. ``finish``
+        still has to be called: it waits for the rest and raises errors."""
+        t0 = time.perf_counter()
+        try:
+            self._wait(p, lambda: bool(p.landed))
+        finally:
+            self.stats.io_wait_s += time.perf_counter() - t0
+        with self._lock:
+            out, p.landed = p.landed, []
+        return out
+
+    def _wait(self, p: Pending, enough) -> None:
+        """Drive or follow the loader until ``p`` is settled or ``enough()`` (lock held)."""
+        deadline = time.perf_counter() + self.load_timeout_s
+        while True:
+            with self._lock:
+                if self._settled(p) or enough():
+                    return
+            if self._io.acquire(blocking=False):  # lead: drive the loader for everyone
+                try:
+                    with self._lock:
+                        self._pump()
+                        if self._settled(p) or enough():
+                            return
+                    left = max(0.0, deadline - time.perf_counter())
+                    done = self.loader.poll(min(left, self.POLL_SLICE_S) if self.shared
+                                            else left)
+                    for c in done:
+                        self._complete(c)
+                finally:
+                    self._io.release()
+                with self._cv:
+                    self._cv.notify_all()
+            else:  # follow: the leader completes our loads too
+                with self._cv:
+                    if not (self._settled(p) or enough()):
+                        self._cv.wait(self.POLL_SLICE_S)
+            if time.perf_counter() >= deadline:
+                with self._lock:
+                    n = len(p.inflight) + len(p.todo) + len(p.waits)
+                raise LoadError(f"timed out after {self.load_timeout_s:.0f}s waiting for "
+                                f"{n} expert loads (setting load_timeout_s)")
 
     def _settled(self, p: Pending) -> bool:
         """Whether ``p`` has nothing left to wait for (call with the lock held)."""
@@ -418,6 +437,7 @@ class ExpertCache:
                 self.stats.bytes_read += c.nbytes
                 self.table.loaded(slot, gen)
                 self._why.pop((layer, e), None)
+                p.landed.append(slot)
             else:
                 self.table.failed(slot, gen)
                 if not c.ok:

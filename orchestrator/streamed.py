@@ -25,9 +25,10 @@ from flashmoe.orchestrator.cache import ExpertCache
 
 BANK_TYPES = (SwitchGLU, SwitchMLP)
 SORT_MIN = 64  # mlx-lm's banks sort the pairs by expert from this many on
-# Splitting a call's pairs is bit-exact on the CPU backend (each pair is its own product, checked
-# by the tests); GPU kernels may tile by batch shape, so there one call keeps mlx-lm's exact sums.
-HITS_FIRST = mx.default_device() == mx.cpu
+# Splitting a call's pairs by expert is bit-exact on the CPU backend, whatever the parts' sizes
+# (each pair is its own product; checked by the tests in f32 and bf16, sorted and unsorted); GPU
+# kernels may tile by batch shape, so there one call keeps mlx-lm's exact sums.
+PROGRESSIVE = mx.default_device() == mx.cpu
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -103,12 +104,8 @@ class StreamedBank:
                 self._prefetch_next(x)
             remap = np.zeros(self.num_experts, dtype=np.uint32)
             remap[experts] = p.slots
-            hits = experts[p.hit]
-            n_hit = int(np.isin(ids, hits).sum()) if HITS_FIRST and p.todo_or_inflight() else 0
-            # Both parts must take the path the whole call would take (sorted from SORT_MIN
-            # pairs on), so that every expert's rows meet the same kernel.
-            if n_hit and (ids.size < SORT_MIN or min(n_hit, ids.size - n_hit) >= SORT_MIN):
-                out = self._hits_first(x, ids, hits, remap, p)
+            if PROGRESSIVE and p.todo_or_inflight():
+                out = self._progressive(x, ids, remap, p)
                 st.overlapped += 1
             else:
                 self.cache.finish(p)
@@ -136,26 +133,38 @@ class StreamedBank:
             guess = np.array(mx.argpartition(-logits, k - 1, axis=-1)[..., :k]).reshape(-1)
         self.cache.prefetch(layer, np.unique(guess))
 
-    def _hits_first(self, x, ids, hits, remap, p):
-        """Compute the (token, expert) pairs whose experts are cached while the misses load,
-        then the rest. On the CPU backend mlx-lm's banks compute each pair (unsorted) or each
-        expert's run of pairs (sorted) on its own, so splitting by expert changes no bit."""
+    def _progressive(self, x, ids, remap, p):
+        """Compute the (token, expert) pairs as their experts become ready: the cached ones at
+        once, then each batch of misses as it lands, while the rest still load. Every expert's
+        pairs go into one part, so the parts together are mlx-lm's call, bit for bit (CPU)."""
         flat = ids.reshape(-1)
         k = ids.shape[-1]
-        is_hit = np.isin(flat, hits)
-        order = np.concatenate([np.flatnonzero(is_hit), np.flatnonzero(~is_hit)])
         xs = x.reshape(-1, x.shape[-1])
-        n_hit = int(is_hit.sum())
+        slot_of = remap[flat]  # the cache slot of every pair
+        left = np.ones(flat.size, dtype=bool)
+        parts, orders = [], []
 
-        def part(pairs):
-            return self.inner(xs[mx.array(pairs // k)], mx.array(remap[flat[pairs]][:, None]))
+        def emit(mask):
+            pairs = np.flatnonzero(mask)
+            if pairs.size:
+                out = self.inner(xs[mx.array(pairs // k)], mx.array(slot_of[pairs][:, None]))
+                mx.async_eval(out)
+                parts.append(out)
+                orders.append(pairs)
+            left[pairs] = False
 
-        first = part(order[:n_hit])
-        mx.async_eval(first)
+        emit(np.isin(slot_of, p.slots[p.hit]))
+        while left.any():
+            landed = self.cache.progress(p)
+            if not landed:
+                break  # settled: what is left waits on other lanes, or failed
+            emit(left & np.isin(slot_of, landed))
         self.cache.finish(p)
-        second = part(order[n_hit:])
-        both = mx.concatenate([first, second])[mx.array(np.argsort(order))]
-        return both.reshape(*ids.shape, x.shape[-1])
+        emit(left.copy())
+        self.cache.stats.parts += len(parts)
+        order = np.concatenate(orders)
+        out = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        return out[mx.array(np.argsort(order))].reshape(*ids.shape, x.shape[-1])
 
     def _grouped(self, x, ids, group):
         slots = self.cache.acquire(self.layer, group)

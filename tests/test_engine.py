@@ -217,6 +217,21 @@ def test_long_prompt_overlaps_and_stays_exact(models):
     assert got == want
 
 
+def test_cold_prefill_computes_experts_as_they_land(models):
+    """Nothing cached: each layer's pairs are computed in pieces as their experts arrive, and
+    the tokens are still mlx-lm's."""
+    path = models[("deepseek_v3", "packed")]
+    prompt = " ".join(f"token{i}" for i in range(30))
+    want = reference_ids(models[("deepseek_v3", "hf")], prompt, 6)
+    with Engine(str(path), memory_budget=quarter_budget(path) * 2, dtype="float32",
+                workers=2) as eng:
+        got = [t for c in eng.generate(GenRequest(id="c", prompt=prompt, max_tokens=6))
+               for t in c.token_ids]
+        st = eng.cache.stats
+        assert st.overlapped > 0 and st.parts > st.overlapped  # more than one piece per call
+    assert got == want
+
+
 def test_budget_beyond_the_model_plans_no_more_than_every_expert(models):
     path = models[("mixtral", "mlx")]
     store = open_store(path)
