@@ -95,7 +95,6 @@ class StreamedBank:
             for start in range(0, experts.size, cap):
                 group = experts[start:start + cap]
                 part = self._grouped(x, ids, group)
-                mx.eval(part)  # the next group may evict these slots
                 out = part if out is None else out + part
             return out
         p = self.cache.begin(self.layer, experts)
@@ -173,7 +172,9 @@ class StreamedBank:
             remap[group] = slots
             out = self.inner(x, mx.array(remap[ids]))
             mask = mx.array(np.isin(ids, group))[..., None]
-            return mx.where(mask, out, mx.zeros_like(out))
+            out = mx.where(mask, out, mx.zeros_like(out))
+            mx.eval(out)  # computed before its slots are released: the next group may evict them
+            return out
         finally:
             self.cache.release(slots)
 
