@@ -413,6 +413,7 @@ _METRICS = (
         ("decode_tokens_per_s", "tokens_per_s"),
     ),
     ("uptime_seconds", "gauge", "Seconds since the daemon started.", ("uptime_s",)),
+    ("compute_lanes", "gauge", "Threads that decode concurrent requests.", ("lanes",)),
 )
 
 

@@ -170,6 +170,7 @@ def test_models_and_metrics(http: httpx.Client, oai: openai.OpenAI, reference: d
     assert float(values["flashmoe_requests_total"]) >= 1
     assert float(values["flashmoe_tokens_generated_total"]) >= 3
     assert 0 <= float(values["flashmoe_expert_hit_rate"]) <= 1
+    assert float(values["flashmoe_compute_lanes"]) >= 1
 
 
 def test_dropped_stream_is_cancelled(server: Daemon, http: httpx.Client, reference: dict) -> None:
