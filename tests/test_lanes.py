@@ -214,3 +214,25 @@ def test_corrupt_expert_is_an_error_on_every_lane_and_the_engine_goes_on(
                 f.seek(off)
                 f.write(b)
         assert run_concurrently(eng, PROMPTS[2:]) == {p: reference[p] for p in PROMPTS[2:]}
+
+
+def test_cancel_on_one_lane_leaves_the_other_exact(model, reference):
+    with Engine(str(model), memory_budget=budget_for(model, 80), dtype="float32",
+                lanes=2, max_batch=4) as eng:
+        eng.start()
+        done = threading.Event()
+        chunks: dict[str, list] = {"long": [], "short": []}
+
+        def on_chunk(c):
+            chunks[c.id].append(c)
+            if c.id == "long" and c.token_ids and len(chunks["long"]) == 3:
+                eng.cancel("long")
+            if all(x and x[-1].finish_reason for x in chunks.values()):
+                done.set()
+
+        eng.submit(GenRequest(id="long", prompt=PROMPTS[0], max_tokens=5000), on_chunk)
+        eng.submit(GenRequest(id="short", prompt=PROMPTS[1], max_tokens=N_TOKENS), on_chunk)
+        assert done.wait(120)
+        assert chunks["long"][-1].finish_reason == "cancelled"
+        assert sum(len(c.token_ids) for c in chunks["long"]) < 5000
+        assert [t for c in chunks["short"] for t in c.token_ids] == reference[PROMPTS[1]]
