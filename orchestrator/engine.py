@@ -30,7 +30,14 @@ from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.orchestrator.cache import ExpertCache, plan_pool
 from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, make_copier, on_cuda
 from flashmoe.orchestrator.loaders import LoaderPool
-from flashmoe.orchestrator.scheduler import Chunk, GenRequest, Lanes, Scheduler, sampler_for
+from flashmoe.orchestrator.scheduler import (
+    Chunk,
+    GenRequest,
+    Lanes,
+    Scheduler,
+    is_finite,
+    sampler_for,
+)
 from flashmoe.orchestrator.streamed import find_banks, install_streamed_banks
 from flashmoe.shm.pool import ExpertPool, cleanup_stale
 from flashmoe.store import open_store
@@ -110,11 +117,11 @@ def resolve_lanes(setting: str, cache_slots: int, num_experts: int) -> int:
     return n
 
 
-def check_finite(logprob: mx.array, step: int) -> None:
+def check_finite(logprobs: mx.array, token: int, step: int) -> None:
     """Refuse to go on from a NaN/inf log-probability: greedy sampling would silently turn it
     into token 0 (a broken kernel, an overflowing dtype or corrupt weights, never a model's
     answer)."""
-    if not bool(mx.isfinite(logprob).item()):
+    if not is_finite(logprobs, token):
         raise FlashMoeError(f"non-finite logits at generated token {step}: the computation "
                             "broke down (dtype or backend problem); no token was produced")
 
@@ -256,7 +263,7 @@ class Engine:
                                                  max_tokens=req.max_tokens, sampler=sampler):
                 if t_first is None:
                     t_first = time.perf_counter()
-                check_finite(logprobs[token], len(ids))
+                check_finite(logprobs, token, len(ids))
                 if req.id in self._cancelled:
                     finish = "cancelled"
                     break

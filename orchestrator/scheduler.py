@@ -24,10 +24,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import BatchGenerator, generation_stream
 from mlx_lm.sample_utils import make_sampler
 
 from flashmoe.errors import FlashMoeError
+
+
+def is_finite(logprobs: mx.array, token: int) -> bool:
+    """Whether the sampled token's log-probability is a number. ``logprobs`` has been evaluated
+    with the token: read it in place (an MLX op would queue behind the next step's work)."""
+    if logprobs.dtype in (mx.float32, mx.float16):
+        return bool(np.isfinite(np.array(logprobs, copy=False).reshape(-1)[token]))
+    return bool(mx.isfinite(logprobs.reshape(-1)[token]).item())  # bf16: numpy has no view
 
 
 @dataclass
@@ -114,7 +123,7 @@ class Scheduler:
                 if a is None:
                     continue
                 a.t_first = a.t_first or now
-                if not bool(mx.isfinite(r.logprobs[r.token]).item()):
+                if not is_finite(r.logprobs, r.token):
                     if r.finish_reason is None:
                         self.gen.remove([r.uid])
                     self._finish(r.uid, "error", error=f"non-finite logits at generated token "
