@@ -127,11 +127,14 @@ def _concurrent(eng, n: int, vocab: int, a: dict) -> float:
                               max_tokens=a["tokens"]), on_chunk)
     if not done.wait(timeout=3600):
         raise FlashMoeError(f"{n} concurrent streams did not finish within an hour")
-    # From the moment every stream has prefilled, all decode together: count only the tokens
-    # that arrived after it.
+    return _rate_once_all_started(firsts, times, max(ends.values()))
+
+
+def _rate_once_all_started(firsts: dict, times: list[float], end: float) -> float:
+    """Tokens/s from the moment every stream has its first token (all decode together from
+    there), counting only the tokens that arrived after it."""
     start = max(firsts.values())
-    tokens = sum(1 for t in times if t > start)
-    return tokens / max(max(ends.values()) - start, 1e-9)
+    return sum(1 for t in times if t > start) / max(end - start, 1e-9)
 
 
 def baseline_side(a: dict) -> dict:
@@ -193,8 +196,7 @@ def _batched_in_memory(model, vocab: int, n: int, a: dict) -> float:
             firsts.setdefault(r.uid, now)
             times.append(now)
             finished += r.finish_reason is not None
-    start = max(firsts.values())
-    return sum(1 for t in times if t > start) / max(times[-1] - start, 1e-9)
+    return _rate_once_all_started(firsts, times, times[-1])
 
 
 def config_of(model: str) -> dict:

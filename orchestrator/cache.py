@@ -16,7 +16,7 @@ Writing into an MLX array's buffer is safe here because a slot is overwritten on
 unpinned, and a bank unpins its slots only when no pending computation reads them: with one
 thread of compute, every write happens after the host has synchronised on the current layer's
 routing, which depends on every earlier read of the cache; with several compute lanes
-(``shared=True``) each lane keeps its pins until its own next routing sync (``defer``).
+(``shared=True``) each lane keeps its pins until its own next routing sync (``unpin``).
 
 Thread safety (``shared=True``): the slot table, the pending loads and the staging slots are
 guarded by one lock; the loader pool's socket is used by one thread at a time, the one that
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.generate import generation_stream
 
 from flashmoe.errors import BudgetError, LoadError
 from flashmoe.orchestrator.slots import LOADING, READY, SlotTable
@@ -373,21 +374,27 @@ class ExpertCache:
             if self.shared:
                 self._cv.notify_all()
 
-    def defer(self, slots: np.ndarray) -> None:
-        """Keep pins until this lane's computation that reads ``slots`` has run: released by
-        ``release_deferred`` after the lane's next sync (shared caches only)."""
+    def unpin(self, slots: np.ndarray) -> None:
+        """A bank is done building its (lazy) output from ``slots``. Alone, it releases them at
+        once: nothing can overwrite them before its next routing sync. With other lanes, the
+        pins stay until this lane's next sync (``release_deferred``): another lane must not
+        reuse a slot that a queued kernel of this one still reads."""
+        if not self.shared:
+            self.release(slots)
+            return
         held = getattr(self._local, "held", None)
         if held is None:
             held = self._local.held = []
         held.append(slots)
 
     def release_deferred(self, sync: bool = False) -> None:
-        """Release this lane's deferred pins. ``sync``: first wait for all of this thread's
-        queued MLX work (when the caller has not synchronised on it)."""
+        """Release this lane's deferred pins (none unless shared). ``sync``: first wait for
+        this thread's queued MLX work, when the caller has not synchronised on it."""
         held = getattr(self._local, "held", None)
         if not held:
             return
         if sync:
+            mx.synchronize(generation_stream)
             mx.synchronize()
         self._local.held = []
         for slots in held:

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import psutil
 from mlx.utils import tree_flatten
-from mlx_lm.generate import generate_step, generation_stream
+from mlx_lm.generate import generate_step
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from flashmoe.configs import ConfigError, Settings, load_settings, parse_size
@@ -35,7 +35,7 @@ from flashmoe.orchestrator.scheduler import (
     GenRequest,
     Lanes,
     Scheduler,
-    is_finite,
+    check_finite,
     sampler_for,
 )
 from flashmoe.orchestrator.streamed import find_banks, install_streamed_banks
@@ -115,15 +115,6 @@ def resolve_lanes(setting: str, cache_slots: int, num_experts: int) -> int:
     while n > 1 and cache_slots < n * 2 * num_experts:
         n -= 1
     return n
-
-
-def check_finite(logprobs: mx.array, token: int, step: int) -> None:
-    """Refuse to go on from a NaN/inf log-probability: greedy sampling would silently turn it
-    into token 0 (a broken kernel, an overflowing dtype or corrupt weights, never a model's
-    answer)."""
-    if not is_finite(logprobs, token):
-        raise FlashMoeError(f"non-finite logits at generated token {step}: the computation "
-                            "broke down (dtype or backend problem); no token was produced")
 
 
 def default_budget(settings: Settings, dense_bytes: int) -> int:
@@ -274,9 +265,7 @@ class Engine:
                 detok.add_token(token)
                 yield Chunk(req.id, detok.last_segment, [token])
         finally:
-            if self.cache.shared:  # the pins of the last layers, once their work has run
-                mx.synchronize(generation_stream)
-                self.cache.release_deferred(sync=True)
+            self.cache.release_deferred(sync=True)  # the last layers' pins, once they have run
         detok.finalize()
         t_end = time.perf_counter()
         stats = self.request_stats(snap, len(prompt), len(ids), t0, t_first or t_end, t_end)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import BatchGenerator, generation_stream
+from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
 from flashmoe.errors import FlashMoeError
@@ -37,6 +37,15 @@ def is_finite(logprobs: mx.array, token: int) -> bool:
     if logprobs.dtype in (mx.float32, mx.float16):
         return bool(np.isfinite(np.array(logprobs, copy=False).reshape(-1)[token]))
     return bool(mx.isfinite(logprobs.reshape(-1)[token]).item())  # bf16: numpy has no view
+
+
+def check_finite(logprobs: mx.array, token: int, step: int) -> None:
+    """Refuse to go on from a NaN/inf log-probability: greedy sampling would silently turn it
+    into token 0 (a broken kernel, an overflowing dtype or corrupt weights, never a model's
+    answer)."""
+    if not is_finite(logprobs, token):
+        raise FlashMoeError(f"non-finite logits at generated token {step}: the computation "
+                            "broke down (dtype or backend problem); no token was produced")
 
 
 @dataclass
@@ -123,12 +132,12 @@ class Scheduler:
                 if a is None:
                     continue
                 a.t_first = a.t_first or now
-                if not is_finite(r.logprobs, r.token):
+                try:
+                    check_finite(r.logprobs, r.token, len(a.ids))
+                except FlashMoeError as e:
                     if r.finish_reason is None:
                         self.gen.remove([r.uid])
-                    self._finish(r.uid, "error", error=f"non-finite logits at generated token "
-                                 f"{len(a.ids)}: the computation broke down (dtype or backend "
-                                 "problem)")
+                    self._finish(r.uid, "error", error=str(e))
                     continue
                 if r.finish_reason == "stop":
                     self._finish(r.uid, "stop")
@@ -143,9 +152,7 @@ class Scheduler:
         """Nothing active: once this lane's queued work has run, its deferred pins go; the
         loader workers are supervised (about twice a second while idle)."""
         cache = self.engine.cache
-        if cache.shared:
-            mx.synchronize(generation_stream)
-            cache.release_deferred(sync=True)
+        cache.release_deferred(sync=True)
         try:
             cache.tend()
             self._tend_error = None

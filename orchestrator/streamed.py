@@ -78,9 +78,7 @@ class StreamedBank:
         t0 = time.perf_counter()
         ids = np.array(indices)  # the one host sync per MoE layer: routing decides the loads
         st.route_s += time.perf_counter() - t0
-        shared = self.cache.shared
-        if shared:  # this lane's earlier layers have been computed: their slots may go
-            self.cache.release_deferred()
+        self.cache.release_deferred()  # this lane's earlier layers have run: their slots may go
         experts = np.unique(ids)
         if st.trace is not None:
             st.trace.append((self.layer, experts.tolist()))
@@ -115,10 +113,7 @@ class StreamedBank:
                 st.expert_s += time.perf_counter() - t1
             return out
         finally:
-            if shared:  # ``out`` is lazy: another lane must not reuse these slots before it runs
-                self.cache.defer(p.slots)
-            else:
-                self.cache.release(p.slots)
+            self.cache.unpin(p.slots)  # ``out`` is still lazy
 
     def _prefetch_next(self, x):
         """Guess the next MoE layer's experts by applying its router to this layer's input
