@@ -95,6 +95,43 @@ def test_checksum_mismatch_names_the_file(stores, loader):
     assert not c.ok and "checksum mismatch" in c.error and ext[0].path in c.error
 
 
+def test_crc_of_pieces_is_zlibs_crc():
+    import random
+
+    from flashmoe.workers.crc import combine, crc_of_pieces
+
+    rng = random.Random(0)
+    for _ in range(50):
+        a, b = rng.randbytes(rng.randrange(0, 3000)), rng.randbytes(rng.randrange(0, 3000))
+        assert combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    data = rng.randbytes(300_000)
+    cuts = [0, *sorted(rng.sample(range(1, len(data)), 6)), len(data)]
+    pieces = [(s, e - s, zlib.crc32(data[s:e])) for s, e in zip(cuts[:-1], cuts[1:], strict=True)]
+    rng.shuffle(pieces)  # threads finish in any order
+    assert crc_of_pieces(pieces, len(data)) == zlib.crc32(data)
+    assert crc_of_pieces(pieces[1:], len(data)) is None  # a gap: checked whole instead
+    assert crc_of_pieces(pieces, len(data) + 1) is None
+
+
+def test_record_checked_in_pieces(tmp_path):
+    """Read in many pieces by several threads, a record passes its crc32, and one flipped byte
+    in any piece fails it."""
+    data = bytearray(os.urandom(5 * 65536 + 1000))
+    f = tmp_path / "rec.bin"
+    f.write_bytes(data)
+    good = zlib.crc32(data)
+    data[3 * 65536 + 17] ^= 0x40
+    (tmp_path / "bad.bin").write_bytes(data)
+    with ExpertPool.create(2, len(data)) as pool, \
+            LoaderPool(pool, workers=1, threads=4, chunk_bytes=65536) as lp:
+        for _ in range(5):
+            r1 = lp.submit(0, [[str(f), 0, len(data), 0]], good)
+            r2 = lp.submit(1, [[str(tmp_path / "bad.bin"), 0, len(data), 0]], good)
+            done = wait_all(lp, [r1, r2])
+            assert done[r1].ok, done[r1].error
+            assert not done[r2].ok and "checksum mismatch" in done[r2].error
+
+
 def test_truncated_and_missing_files_fail_clearly(tmp_path, loader):
     f = tmp_path / "short.bin"
     f.write_bytes(os.urandom(10000))

@@ -13,8 +13,9 @@ into pieces (at least ``--chunk-bytes``) that they share; one that arrives while
 is read in whole extents (fewer, larger reads). The thread that finishes a request's last piece
 sends the reply on its own DEALER (a zmq socket belongs to one thread; identity
 ``<worker id>:<thread>``), so a reply costs no hop back through the main thread. A checksummed
-record goes first to one of ``max(1, T // 4)`` verify threads, so an I/O thread starts its next
-read while the crc32 runs.
+record is checked in parallel: each thread takes the crc32 of the piece it just read, and the
+thread with the last piece combines them (``crc.crc_of_pieces``), so no serial crc32 of the whole
+record stands between its last byte and the reply.
 
 The worker keeps no state worth saving: it can be killed at any time, and exits by itself when
 its parent dies.
@@ -50,6 +51,7 @@ from flashmoe.protocol.messages import (
 )
 from flashmoe.protocol.sockets import dealer
 from flashmoe.shm.pool import ExpertPool
+from flashmoe.workers.crc import crc_of_pieces
 
 DIRECT_ALIGN = 4096
 DEFAULT_CHUNK = 1 << 20
@@ -69,6 +71,7 @@ class _Job:
     record_end: int
     lock: threading.Lock = field(default_factory=threading.Lock)
     error: str | None = None
+    crcs: list = field(default_factory=list)  # (start in slot, bytes, crc32) of read pieces
 
 
 @dataclass(frozen=True)
@@ -129,17 +132,10 @@ class Loader:
         self._fds: dict[tuple[str, bool], int] = {}
         self._fd_lock = threading.Lock()
         self._no_direct: set[str] = set()  # filesystems that refuse O_DIRECT (tmpfs)
-        # crc32 runs on its own threads so an I/O thread starts its next read at once.
-        self.verify: queue.SimpleQueue = queue.SimpleQueue()
-        nverify = max(1, threads // 4)
         self._threads = [
             threading.Thread(target=self._run, args=(i, self._serve), name=f"io{i}", daemon=True)
             for i in range(threads)
-        ] + [
-            threading.Thread(target=self._run, args=(threads + i, self._verify), daemon=True)
-            for i in range(nverify)
         ]
-        self._nio = threads
         for t in self._threads:
             t.start()
 
@@ -168,8 +164,8 @@ class Loader:
         return max(self.chunk, _round_up(-(-total // idle), DIRECT_ALIGN))
 
     def close(self, timeout_s: float = 2.0) -> None:
-        for i in range(len(self._threads)):
-            (self.tasks if i < self._nio else self.verify).put(None)
+        for _ in self._threads:
+            self.tasks.put(None)
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -197,10 +193,12 @@ class Loader:
             if item is None:
                 return
             job, p = item
-            err = None
+            err = crc = None
             if job.error is None:  # a failed request skips its remaining pieces
                 try:
                     self._read(job.req.slot, p)
+                    if job.req.checksum is not None and p.need:
+                        crc = zlib.crc32(self.pool.buffer(job.req.slot)[p.dest:p.dest + p.need])
                 except OSError as e:
                     err = f"{p.path} at offset {p.offset}: {e.strerror or e}"
                 except EOFError as e:
@@ -208,13 +206,12 @@ class Loader:
             with job.lock:
                 if err and job.error is None:
                     job.error = err
+                if crc is not None:
+                    job.crcs.append((p.dest, p.need, crc))
                 job.remaining -= 1
                 last = job.remaining == 0
             if last:
-                if job.error is None and job.req.checksum is not None:
-                    self.verify.put(job)
-                else:
-                    self._finish(job)
+                self._finish(job)
 
     def _fd(self, path: str, direct: bool) -> int:
         key = (path, direct)
@@ -268,20 +265,15 @@ class Loader:
             )
         return True
 
-    def _verify(self) -> None:
-        while True:
-            job = self.verify.get()
-            if job is None:
-                return
-            self._finish(job)
-
     # -- replies -------------------------------------------------------------------------------
 
     def _finish(self, job: _Job) -> None:
         err = job.error
         req = job.req
         if err is None and req.checksum is not None:
-            crc = zlib.crc32(self.pool.buffer(req.slot)[: job.record_end])
+            crc = crc_of_pieces(job.crcs, job.record_end)
+            if crc is None:  # the pieces leave gaps (padding between extents): check it whole
+                crc = zlib.crc32(self.pool.buffer(req.slot)[: job.record_end])
             if crc != req.checksum:
                 files = sorted({e[0] for e in req.extents})
                 err = (
