@@ -178,8 +178,10 @@ class ExpertCache:
         self.pool = pool
         self.store = store
         self.load_timeout_s = load_timeout_s
-        # Optional device copier (``fill(slot, stage)``) replacing the host copy on a GPU.
+        # Optional device copier replacing the host copy on a GPU: ``fill(slot, stage)`` queues
+        # a copy, ``sync()`` waits for the queued ones (see ``_sync_copies``).
         self.copier = copier
+        self._copying: list[int] = []  # staging slots whose copies are queued, not yet synced
         self.shared = shared
         self.table = SlotTable(plan.cache_slots)
         self.stats = CacheStats()
@@ -277,6 +279,7 @@ class ExpertCache:
                         p.error = self._why.get(
                             (layer, e), f"layer {layer} expert {e}: its load failed")
                 p.waits = []
+                self._sync_copies()
             self.stats.io_wait_s += time.perf_counter() - t0
         if p.error is not None:
             raise LoadError(p.error)
@@ -292,6 +295,8 @@ class ExpertCache:
             self.stats.io_wait_s += time.perf_counter() - t0
         with self._lock:
             out, p.landed = p.landed, []
+            if out:
+                self._sync_copies()
         return out
 
     def _wait(self, p: Pending, enough) -> None:
@@ -413,6 +418,8 @@ class ExpertCache:
 
     def _pump(self) -> None:
         """Submit queued loads while staging slots are free (``_io`` and the lock held)."""
+        if self._queued and not self._staging_free:
+            self._sync_copies()  # staging slots whose copies have landed are free again
         while self._queued and self._staging_free:
             p = self._queued[0]
             if not p.todo or p.error is not None:
@@ -433,14 +440,20 @@ class ExpertCache:
             stage, slot, gen, layer, e = p.inflight[c.req]
             ok = c.ok  # good bytes are kept even if another load of ``p`` failed: other
             # lanes may be waiting for this expert
-        if ok:  # the slot is LOADING and pinned: nobody else touches its bytes
-            t1 = time.perf_counter()
+            if ok and self.copier is not None:
+                t1 = time.perf_counter()
+                self.copier.fill(slot, stage)  # queued: synced before any compute reads it
+                self._copying.append(stage)
+                self.stats.copy_s += time.perf_counter() - t1
+        if ok and self.copier is None:  # the slot is LOADING and pinned: nobody else
+            t1 = time.perf_counter()  # touches its bytes
             self._fill(slot, stage)
             copy_s = time.perf_counter() - t1
+            with self._lock:
+                self.stats.copy_s += copy_s
         with self._lock:
             del p.inflight[c.req]
             if ok:
-                self.stats.copy_s += copy_s
                 self.stats.bytes_read += c.nbytes
                 self.table.loaded(slot, gen)
                 self._why.pop((layer, e), None)
@@ -454,12 +467,23 @@ class ExpertCache:
                     self._why[(layer, e)] = why  # for lanes that wait on the same load
                     if p.error is None:
                         p.error = why
-            self._staging_free.append(stage)
+            if not (ok and self.copier is not None):
+                self._staging_free.append(stage)  # else once its copy is synced
+
+    def _sync_copies(self) -> None:
+        """Wait for the queued device copies and free their staging slots (lock held). Called
+        before a bank may compute on filled slots (``finish``, ``progress``) and when loads wait
+        for staging slots; a READY slot whose copy is still queued is never computed on, since
+        every computation goes through ``finish`` first."""
+        if not self._copying:
+            return
+        t0 = time.perf_counter()
+        self.copier.sync()
+        self._staging_free.extend(self._copying)
+        self._copying.clear()
+        self.stats.copy_s += time.perf_counter() - t0
 
     def _fill(self, slot: int, stage: int) -> None:
-        if self.copier is not None:
-            self.copier.fill(slot, stage)  # synchronous: the staging slot is free afterwards
-            return
         src = self._staging_views[stage]
         for t in self.layout.tensors:
             _copy_convert(self._host[t.name][slot], src[t.name], t.dtype)

@@ -4,7 +4,8 @@ On CUDA, MLX keeps arrays in managed memory. Writing a cache slot through a nump
 migrates pages between host and GPU on every miss (1-3 GB/s). Here the shared-memory segment that
 the loader workers read into is page-locked once (``cudaHostRegister``) and every miss is one
 ``cudaMemcpyAsync`` per record tensor, straight from the staging slot into the cache array's
-memory, on one stream that is synchronised before ``fill`` returns (tens of GB/s).
+memory, on one stream (tens of GB/s). ``fill`` only queues the copies, so a record's copy runs
+while the next record is still being read; ``sync`` waits for all of them, once per bank call.
 
 Only raw byte copies: used when every record tensor is cached in its own dtype (4-bit weights as
 uint32, bf16 scales with a bf16 compute dtype); otherwise ``make_copier`` returns None and the
@@ -12,7 +13,8 @@ cache keeps its numpy path, which converts.
 
 Safe because of the cache's rules: a slot is written only after the host has synchronised on the
 current layer's routing (which depends on every earlier read of the cache), the cache arrays are
-never written by MLX operations, and the copy has finished before ``fill`` returns.
+never written by MLX operations, and the cache calls ``sync`` before any computation may read a
+filled slot and before a staging slot is reused.
 """
 
 from __future__ import annotations
@@ -143,8 +145,9 @@ class _Runtime:
 
 
 class CudaCopier:
-    """``fill(slot, stage)``: one record from staging slot ``stage`` of the pool into cache slot
-    ``slot``, one ``cudaMemcpyAsync`` per tensor, synchronised before returning."""
+    """``fill(slot, stage)``: queue the copy of one record from staging slot ``stage`` of the pool
+    into cache slot ``slot``, one ``cudaMemcpyAsync`` per tensor; ``sync()``: wait for every
+    queued copy."""
 
     def __init__(self, rt: _Runtime, cache, pool):
         self.rt = rt
@@ -165,6 +168,7 @@ class CudaCopier:
                                     f"has {t.nbytes}")
             self.tensors.append((view.ctypes.data, per_slot, t.offset, t.nbytes))
             del view
+        self.record_bytes = sum(t[3] for t in self.tensors)
         self.nbytes_copied = 0
         try:
             rt.check(rt.lib.cudaStreamCreateWithFlags(ctypes.byref(self._stream),
@@ -191,11 +195,16 @@ class CudaCopier:
             rc = copy(addr + slot * per_slot, src + offset, nbytes, _MEMCPY_DEFAULT, stream)
             if rc != 0:
                 self.rt.check(rc, "cudaMemcpyAsync")
-        self.rt.check(self.rt.stream_sync(stream), "cudaStreamSynchronize")
-        self.nbytes_copied += sum(t[3] for t in self.tensors)
+        self.nbytes_copied += self.record_bytes
+
+    def sync(self) -> None:
+        """Wait until every queued copy has landed."""
+        self.rt.check(self.rt.stream_sync(self._stream), "cudaStreamSynchronize")
 
     def close(self) -> None:
         """Unregister the pool's memory and drop the stream (before the pool is unmapped)."""
+        if self._stream.value:
+            self.rt.lib.cudaStreamSynchronize(self._stream)  # no copy may outlive the pool
         if self._registered is not None:
             self.rt.check(self.rt.lib.cudaHostUnregister(self._registered), "cudaHostUnregister")
             self._registered = None

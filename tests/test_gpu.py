@@ -85,6 +85,7 @@ def test_copier_bytes(model):
         stage[:] = rng.integers(0, 256, size=stage.size, dtype=np.uint8)
         for slot in (0, eng.cache.nslots - 1, eng.cache.nslots // 2):
             cp.fill(slot, 0)
+            cp.sync()
             for t in layout.tensors:
                 a = eng.cache.arrays[t.name][slot]
                 raw = a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
