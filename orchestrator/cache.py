@@ -109,6 +109,7 @@ class Pending:
     error: str | None = None
     waits: list = field(default_factory=list)  # (slot, layer, expert) another lane is loading
     landed: list = field(default_factory=list)  # slots loaded since the last ``progress``
+    guess: bool = False  # loads started by ``prefetch``: nobody waits for them
 
     def todo_or_inflight(self) -> bool:
         return bool(self.todo or self.inflight or self.waits)
@@ -125,7 +126,8 @@ class CacheStats:
     # Set by benchmarks: the banks then also time routing and expert compute (an extra sync).
     profile: bool = False
     route_s: float = 0.0
-    prefetched: int = 0
+    prefetched: int = 0  # guessed experts whose loads were started
+    prefetch_used: int = 0  # of those, the ones a computation then asked for
     overlapped: int = 0  # bank calls that computed experts while other experts still loaded
     parts: int = 0  # the pieces those calls were computed in (cached, then as misses landed)
     trace: list | None = None  # (layer, experts) per bank call, when a benchmark records it
@@ -206,6 +208,7 @@ class ExpertCache:
         self._io = threading.Lock()  # held by the one thread that talks to the loader pool
         self._why: dict[tuple[int, int], str] = {}  # (layer, expert) -> why its last load failed
         self._local = threading.local()  # per lane: its prefetch and its deferred pins
+        self._guessed: dict[tuple[int, int], None] = {}  # prefetched, not asked for yet
 
     @property
     def nslots(self) -> int:
@@ -225,32 +228,40 @@ class ExpertCache:
             raise
         return p.slots
 
-    def begin(self, layer: int, experts: Iterable[int]) -> Pending:
-        """Pin the experts and start loading the missing ones without waiting for them."""
-        self._settle_prefetch()
+    def begin(self, layer: int, experts: Iterable[int], guess: bool = False) -> Pending:
+        """Pin the experts and start loading the missing ones without waiting for them.
+        ``guess``: the loads of a prefetch (not counted as hits or misses)."""
         slots, hit, todo, waits = [], [], [], []
         with self._lock:
+            if not guess:  # guesses still queued are dropped: this lane knows its real needs
+                self._cancel_unsent_guesses()
             try:
                 for e in experts:
-                    slot, status = self.table.acquire((layer, int(e)))
+                    key = (layer, int(e))
+                    slot, status = self.table.acquire(key)
                     slots.append(slot)
                     hit.append(status == "hit")
                     if status == "miss":
                         todo.append((slot, self.table.generation(slot), layer, int(e)))
                     elif status == "wait":  # another lane is loading it: wait for that load
                         waits.append((slot, layer, int(e)))
+                    if not guess and self._guessed and key in self._guessed:
+                        del self._guessed[key]
+                        self.stats.prefetch_used += 1
             except BaseException:
                 for slot, gen, _layer, _e in todo:  # allocated but never sent: free them
-                    self.table.failed(slot, gen)
+                    self.table.failed(slot, gen, cancelled=True)
                 for s in slots:
                     self.table.release(int(s))
                 raise
             st = self.stats
-            st.calls += 1
-            st.hits += len(slots) - len(todo) - len(waits)
-            st.misses += len(todo) + len(waits)
+            if not guess:
+                st.calls += 1
+                st.hits += len(slots) - len(todo) - len(waits)
+                st.misses += len(todo) + len(waits)
+                self._unpin_guesses()  # after this layer's hits are pinned: none is evicted
             p = Pending(np.asarray(slots, dtype=np.int32), np.asarray(hit, dtype=bool),
-                        list(reversed(todo)), waits=waits)
+                        list(reversed(todo)), waits=waits, guess=guess)
             if p.todo:
                 self._queued.append(p)
         if p.todo and self._io.acquire(blocking=False):
@@ -270,7 +281,7 @@ class ExpertCache:
         finally:
             with self._lock:
                 for slot, gen, _layer, _e in p.todo:  # never submitted after an error
-                    self.table.failed(slot, gen)
+                    self.table.failed(slot, gen, cancelled=True)
                 p.todo = []
                 if p in self._queued:
                     self._queued.remove(p)
@@ -341,36 +352,51 @@ class ExpertCache:
             return False
         return all(self.table.state(slot) != LOADING for slot, _l, _e in p.waits)
 
-    def prefetch(self, layer: int, experts: Iterable[int]) -> int:
-        """Start loading predicted experts of a coming layer (those not cached yet); the next
-        ``begin`` of this lane settles them first. Returns how many loads were started."""
-        self._settle_prefetch()
+    def prefetch(self, layer: int, experts: Iterable[int], limit: int | None = None) -> int:
+        """Start loading guessed experts of a coming layer (those not cached or loading yet, at
+        most ``limit``) and return how many. Nobody waits for a guess. This lane's next
+        ``begin`` drops the guesses not sent to a loader yet, waits only for the ones it asks
+        for (as for another lane's load), and leaves the rest as the first to evict: a wrong
+        guess costs a read, never a cached expert."""
         with self._lock:
+            self._cancel_unsent_guesses()
+            self._unpin_guesses()
             want = [int(e) for e in experts if self.table.lookup((layer, int(e))) is None]
+        want = want[:limit] if limit is not None else want
         if not want:
             return 0
         try:
-            p = self.begin(layer, want)
+            p = self.begin(layer, want, guess=True)
         except BudgetError:  # no free slot for a guess: skip it
             return 0
         self._local.prefetch = p
         with self._lock:
-            self.stats.prefetched += len(p.todo) + len(p.inflight)
-            self.stats.misses -= len(want)  # guesses are not misses of the computation
-            self.stats.calls -= 1
+            self.stats.prefetched += len(want)
+            self._guessed.update(((layer, e), None) for e in want)
         return len(want)
 
-    def _settle_prefetch(self) -> None:
+    def _cancel_unsent_guesses(self) -> None:
+        """Forget this lane's guessed loads that no loader has started (lock held)."""
+        p = getattr(self._local, "prefetch", None)
+        if p is None or not p.todo:
+            return
+        for slot, gen, layer, e in p.todo:
+            self.table.failed(slot, gen, cancelled=True)
+            self._guessed.pop((layer, e), None)
+        p.todo = []
+        if p in self._queued:
+            self._queued.remove(p)
+
+    def _unpin_guesses(self) -> None:
+        """Drop this lane's pins on its guesses, as the first to evict (lock held); the loads
+        in flight go on and land unpinned."""
         p = getattr(self._local, "prefetch", None)
         if p is None:
             return
         self._local.prefetch = None
-        try:
-            self.finish(p)
-        except LoadError:
-            pass  # a wrong guess or a bad expert: the real request will load or report it
-        finally:
-            self.release(p.slots)
+        for s in p.slots:
+            self._guessed.pop(self.table.key_of(int(s)), None)  # used only by the next begin
+            self.table.release(int(s), cold=True)
 
     def release(self, slots: Iterable[int]) -> None:
         with self._lock:
@@ -395,6 +421,10 @@ class ExpertCache:
     def release_deferred(self, sync: bool = False) -> None:
         """Release this lane's deferred pins (none unless shared). ``sync``: first wait for
         this thread's queued MLX work, when the caller has not synchronised on it."""
+        if getattr(self._local, "prefetch", None) is not None:
+            with self._lock:
+                self._cancel_unsent_guesses()
+                self._unpin_guesses()
         held = getattr(self._local, "held", None)
         if not held:
             return
@@ -455,7 +485,7 @@ class ExpertCache:
             del p.inflight[c.req]
             if ok:
                 self.stats.bytes_read += c.nbytes
-                self.table.loaded(slot, gen)
+                self.table.loaded(slot, gen, cold=p.guess)
                 self._why.pop((layer, e), None)
                 p.landed.append(slot)
             else:

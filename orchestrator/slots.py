@@ -42,7 +42,8 @@ class SlotTable:
         self._lru: OrderedDict[int, None] = OrderedDict()  # READY, unpinned; oldest first
         self._next_gen = 0
         self._pinned = 0  # slots with pins > 0
-        self._stats = dict(hits=0, misses=0, waits=0, evictions=0, failures=0, stale=0)
+        self._stats = dict(hits=0, misses=0, waits=0, evictions=0, failures=0, cancelled=0,
+                           stale=0)
 
     def acquire(self, key: Hashable) -> tuple[int, str]:
         """Pin the slot for ``key``: ("hit" | "wait" | "miss"). On "miss" the caller loads it."""
@@ -76,22 +77,24 @@ class SlotTable:
         self._stats["misses"] += 1
         return slot, "miss"
 
-    def loaded(self, slot: int, generation: int) -> bool:
-        """The load of ``generation`` finished: LOADING -> READY. False if stale (ignored)."""
+    def loaded(self, slot: int, generation: int, cold: bool = False) -> bool:
+        """The load of ``generation`` finished: LOADING -> READY. False if stale (ignored).
+        ``cold``: if unpinned, the slot becomes the first eviction candidate (a guess)."""
         if self._state[slot] != LOADING or self._gen[slot] != generation:
             self._stats["stale"] += 1
             return False
         self._state[slot] = READY
         if self._pins[slot] == 0:
-            self._lru[slot] = None
+            self._to_lru(slot, cold)
         return True
 
-    def failed(self, slot: int, generation: int) -> bool:
-        """The load of ``generation`` failed: the key is forgotten, the slot freed once unpinned."""
+    def failed(self, slot: int, generation: int, cancelled: bool = False) -> bool:
+        """The load of ``generation`` failed (or was ``cancelled`` before it was sent): the key
+        is forgotten, the slot freed once unpinned."""
         if self._state[slot] != LOADING or self._gen[slot] != generation:
             self._stats["stale"] += 1
             return False
-        self._stats["failures"] += 1
+        self._stats["cancelled" if cancelled else "failures"] += 1
         del self._slot_of[self._key[slot]]
         self._key[slot] = None
         self._state[slot] = FAILED
@@ -101,8 +104,9 @@ class SlotTable:
             self._to_free(slot)
         return True
 
-    def release(self, slot: int) -> None:
-        """Drop one pin; an unpinned READY slot becomes the newest eviction candidate."""
+    def release(self, slot: int, cold: bool = False) -> None:
+        """Drop one pin; an unpinned READY slot becomes the newest eviction candidate, or with
+        ``cold`` the oldest."""
         if self._pins[slot] <= 0:
             raise ValueError(f"slot {slot} released more often than acquired")
         self._pins[slot] -= 1
@@ -110,7 +114,7 @@ class SlotTable:
             return
         self._pinned -= 1
         if self._state[slot] == READY:
-            self._lru[slot] = None
+            self._to_lru(slot, cold)
         elif self._state[slot] == FAILED:
             self._to_free(slot)
 
@@ -146,6 +150,11 @@ class SlotTable:
             self._pinned += 1
             self._lru.pop(slot, None)
         self._pins[slot] += 1
+
+    def _to_lru(self, slot: int, cold: bool) -> None:
+        self._lru[slot] = None
+        if cold:
+            self._lru.move_to_end(slot, last=False)
 
     def _to_free(self, slot: int) -> None:
         self._state[slot] = FREE

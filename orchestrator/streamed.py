@@ -29,6 +29,9 @@ SORT_MIN = 64  # mlx-lm's banks sort the pairs by expert from this many on
 # (each pair is its own product; checked by the tests in f32 and bf16, sorted and unsorted); GPU
 # kernels may tile by batch shape, so there one call keeps mlx-lm's exact sums.
 PROGRESSIVE = mx.default_device() == mx.cpu
+# On a GPU a bank's experts are sent to the device as soon as their graph is built, so they run
+# while the host builds the next layer's dense graph (the next routing sync waits for both).
+EAGER = not PROGRESSIVE
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -72,10 +75,15 @@ class StreamedBank:
         self.inner = bank
         self.num_experts = cache.store.num_experts
         self.predict_next = None  # (next MoE layer, its router, k) when prefetching is on
+        self.prefetch_limit = max(1, cache.plan.staging_slots // 2)  # guessed loads per call
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         st = self.cache.stats
         t0 = time.perf_counter()
+        guess = None
+        if self.predict_next is not None and indices.size < SORT_MIN:
+            guess = self._guess(x)
+            mx.eval(indices, guess)  # evaluated with the routing: no sync of its own
         ids = np.array(indices)  # the one host sync per MoE layer: routing decides the loads
         st.route_s += time.perf_counter() - t0
         self.cache.release_deferred()  # this lane's earlier layers have run: their slots may go
@@ -97,8 +105,6 @@ class StreamedBank:
             return out
         p = self.cache.begin(self.layer, experts)
         try:
-            if self.predict_next is not None and ids.size < SORT_MIN:
-                self._prefetch_next(x)
             remap = np.zeros(self.num_experts, dtype=np.uint32)
             remap[experts] = p.slots
             if PROGRESSIVE and p.todo_or_inflight():
@@ -107,6 +113,11 @@ class StreamedBank:
             else:
                 self.cache.finish(p)
                 out = self.inner(x, mx.array(remap[ids]))
+                if EAGER:
+                    mx.async_eval(out)
+            if guess is not None:  # this layer's loads are done: the disk is free for guesses
+                self.cache.prefetch(self.predict_next[0], np.unique(np.array(guess)),
+                                    limit=self.prefetch_limit)
             if st.profile:
                 t1 = time.perf_counter()
                 mx.eval(out)
@@ -115,17 +126,14 @@ class StreamedBank:
         finally:
             self.cache.unpin(p.slots)  # ``out`` is still lazy
 
-    def _prefetch_next(self, x):
-        """Guess the next MoE layer's experts by applying its router to this layer's input
-        (the residual stream changes little from one layer to the next) and start loading."""
-        layer, gate, k = self.predict_next
+    def _guess(self, x: mx.array) -> mx.array:
+        """The next MoE layer's experts, guessed by applying its router to this layer's input
+        (the residual stream changes little from one layer to the next); lazy."""
+        _layer, gate, k = self.predict_next
         g = gate(x)
-        logits = g[1] if isinstance(g, tuple) else g  # some routers return (indices, scores)
-        if isinstance(g, tuple):
-            guess = np.array(g[0]).reshape(-1)
-        else:
-            guess = np.array(mx.argpartition(-logits, k - 1, axis=-1)[..., :k]).reshape(-1)
-        self.cache.prefetch(layer, np.unique(guess))
+        if isinstance(g, tuple):  # some routers return (indices, scores)
+            return g[0]
+        return mx.argpartition(-g, k - 1, axis=-1)[..., :k]
 
     def _progressive(self, x, ids, remap, p):
         """Compute the (token, expert) pairs as their experts become ready: the cached ones at

@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm import load as mlx_load
 from mlx_lm import stream_generate
@@ -145,6 +147,39 @@ def test_prefetch_keeps_tokens_exact(models, arch, monkeypatch):
                for t in c.token_ids]
         assert eng.cache.stats.prefetched > 0
     assert got == want
+
+
+def test_prefetch_guesses_are_cheap(models):
+    """A guess is never waited for unless asked for, leaves as the first to evict, and a guess
+    that is asked for is counted and holds the right expert."""
+    path = models[("qwen3_moe", "mlx")]
+    with Engine(str(path), memory_budget=3 * quarter_budget(path), dtype="float32") as eng:
+        cache, t = eng.cache, eng.cache.table
+        assert cache.plan.staging_slots >= 3  # every guess goes to a loader at once
+        l0, l1 = eng.store.moe_layers[:2]
+        cache.release(cache.acquire(l0, [0, 1, 2]))
+        assert cache.prefetch(l0, [1, 2]) == 0  # cached: nothing to start
+        assert cache.prefetch(l1, [5, 6, 7]) == 3
+        guessed = {e: t.lookup((l1, e)) for e in (5, 6, 7)}
+        p = cache.begin(l1, [6, 3])  # asks for one guess, not the others
+        cache.finish(p)
+        assert cache.stats.prefetch_used == 1 and cache.stats.prefetched == 3
+        assert t.pins(guessed[5]) == 0 and t.pins(guessed[6]) == 1
+        deadline = time.monotonic() + 10
+        while {t.state(guessed[5]), t.state(guessed[7])} != {"ready"}:
+            assert time.monotonic() < deadline
+            cache.tend()  # the guesses nobody asked for land on their own
+        name = cache.layout.tensors[0].name
+        got = np.array(cache.arrays[name][guessed[6]])
+        assert np.array_equal(got, eng.store.record_arrays(l1, 6)[name])
+        cache.release(p.slots)
+        filler = [t.acquire(("filler", i))[0] for i in range(t.stats()["free"])]
+        fresh = [t.acquire(("new", e))[0] for e in range(2)]  # evictions take the guesses
+        assert set(fresh) == {guessed[5], guessed[7]}
+        assert t.lookup((l0, 0)) is not None  # older, but asked for: still cached
+        for s in filler + fresh:
+            t.failed(s, t.generation(s), cancelled=True)
+            t.release(s)
 
 
 def test_exhausted_pool_leaves_no_stuck_slot(models):

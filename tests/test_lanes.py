@@ -75,7 +75,9 @@ def run_concurrently(eng: Engine, prompts: list[str]) -> dict[str, list[int]]:
     return ids
 
 
-def test_two_lanes_with_evictions_give_mlx_lm_tokens(model, reference):
+@pytest.mark.parametrize("prefetch", [False, True], ids=["demand", "prefetch"])
+def test_two_lanes_with_evictions_give_mlx_lm_tokens(model, reference, prefetch, monkeypatch):
+    monkeypatch.setenv("FLASHMOE_PREFETCH", "1" if prefetch else "0")
     with Engine(str(model), memory_budget=budget_for(model, 80), dtype="float32",
                 lanes=2, max_batch=4) as eng:
         assert eng.lanes == 2 and eng.cache.shared
@@ -89,6 +91,7 @@ def test_two_lanes_with_evictions_give_mlx_lm_tokens(model, reference):
         while table.stats()["pinned"] and time.monotonic() < deadline:
             time.sleep(0.05)  # the lanes drop their deferred pins once idle
         assert table.stats()["pinned"] == 0
+        assert (eng.cache.stats.prefetched > 0) == prefetch
         # a second round on the same engine (lanes idle in between) is as exact
         again = run_concurrently(eng, PROMPTS[:2])
         assert again == {p: reference[p] for p in PROMPTS[:2]}

@@ -132,3 +132,29 @@ def test_many_ops_consistent():
         slot = t.lookup(k)
         if slot is not None:
             assert t.key_of(slot) == k
+
+
+def test_cold_slots_are_evicted_first():
+    t = SlotTable(3)
+    a, b, g = load(t, "a"), load(t, "b"), None
+    t.release(a)
+    t.release(b)
+    g, _ = t.acquire("guess")
+    assert t.loaded(g, t.generation(g), cold=True)  # still pinned: no place in the LRU yet
+    t.release(g, cold=True)
+    slot, status = t.acquire("c")  # the guess goes first, not the older "a"
+    assert (slot, status) == (g, "miss") and t.lookup("guess") is None and t.lookup("a") == a
+    t.release(slot)
+    h, _ = t.acquire("guess2")
+    t.release(h, cold=True)  # unpinned while loading: lands as the oldest candidate
+    assert t.loaded(h, t.generation(h), cold=True)
+    assert t.acquire("d")[0] == h
+
+
+def test_cancelled_load_is_not_a_failure():
+    t = SlotTable(1)
+    slot, _ = t.acquire("a")
+    assert t.failed(slot, t.generation(slot), cancelled=True)
+    t.release(slot)
+    s = t.stats()
+    assert (s["failures"], s["cancelled"], s["free"]) == (0, 1, 1)
