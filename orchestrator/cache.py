@@ -421,8 +421,8 @@ class ExpertCache:
     def release_deferred(self, sync: bool = False) -> None:
         """Release this lane's deferred pins (none unless shared). ``sync``: first wait for
         this thread's queued MLX work, when the caller has not synchronised on it."""
-        if getattr(self._local, "prefetch", None) is not None:
-            with self._lock:
+        if sync and getattr(self._local, "prefetch", None) is not None:
+            with self._lock:  # idle: no next layer will ask for this lane's guesses
                 self._cancel_unsent_guesses()
                 self._unpin_guesses()
         held = getattr(self._local, "held", None)

@@ -145,7 +145,8 @@ def test_prefetch_keeps_tokens_exact(models, arch, monkeypatch):
         assert any(b.predict_next for b in eng.banks)
         got = [t for c in eng.generate(GenRequest(id="p", prompt=PROMPT, max_tokens=N_TOKENS))
                for t in c.token_ids]
-        assert eng.cache.stats.prefetched > 0
+        st = eng.cache.stats
+        assert st.prefetched > 0 and st.prefetch_used > 0  # guesses reach the next layer
     assert got == want
 
 
