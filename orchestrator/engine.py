@@ -160,7 +160,7 @@ class Engine:
         self.pool = ExpertPool.create(self.plan.staging_slots, self.plan.staging_slot_bytes)
         try:
             self.loader = LoaderPool(self.pool, workers=s.workers, threads=s.io_threads,
-                                     io_mode=s.io_mode,
+                                     io_mode=s.io_mode, chunk_bytes=parse_size(s.io_chunk),
                                      start_timeout_s=s.worker_start_timeout_s,
                                      load_timeout_s=s.load_timeout_s)
             self.lanes = resolve_lanes(s.lanes, self.plan.cache_slots, self.store.num_experts)
