@@ -54,7 +54,7 @@ class Settings:
     workers: int = 2
     io_threads: int = 8
     io_mode: str = "auto"
-    io_chunk: str = "1MiB"
+    io_chunk: str = "256KiB"
     dtype: str = "auto"
     slot_align: int = 16384
     prefetch: bool = False

@@ -54,7 +54,7 @@ from flashmoe.shm.pool import ExpertPool
 from flashmoe.workers.crc import crc_of_pieces
 
 DIRECT_ALIGN = 4096
-DEFAULT_CHUNK = 1 << 20
+DEFAULT_CHUNK = 256 << 10  # see the io_chunk setting
 _HAVE_O_DIRECT = hasattr(os, "O_DIRECT")
 _HAVE_NOCACHE = sys.platform == "darwin"
 
