@@ -418,9 +418,31 @@ class ExpertCache:
             held = self._local.held = []
         held.append(slots)
 
+    def defer(self, p: Pending) -> None:
+        """A bank built its (lazy) output on ``p``'s slots before their loads landed: this
+        lane's next ``settle`` waits for them, before anything evaluates that output."""
+        self._local.unsettled = p
+
+    def settle(self) -> None:
+        """Finish this lane's deferred loads (raising ``LoadError`` if one failed) and unpin
+        them; a no-op when nothing is deferred."""
+        p = getattr(self._local, "unsettled", None)
+        if p is None:
+            return
+        self._local.unsettled = None
+        try:
+            self.finish(p)
+        finally:
+            self.unpin(p.slots)
+
     def release_deferred(self, sync: bool = False) -> None:
         """Release this lane's deferred pins (none unless shared). ``sync``: first wait for
         this thread's queued MLX work, when the caller has not synchronised on it."""
+        if sync and getattr(self._local, "unsettled", None) is not None:
+            try:  # a forward pass that stopped half way (an error): its loads, its pins
+                self.settle()
+            except LoadError:
+                pass  # already reported by the pass that failed
         if sync and getattr(self._local, "prefetch", None) is not None:
             with self._lock:  # idle: no next layer will ask for this lane's guesses
                 self._cancel_unsent_guesses()

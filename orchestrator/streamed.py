@@ -29,6 +29,16 @@ SORT_MIN = 64  # mlx-lm's banks sort the pairs by expert from this many on
 # (each pair is its own product; checked by the tests in f32 and bf16, sorted and unsorted); GPU
 # kernels may tile by batch shape, so there one call keeps mlx-lm's exact sums.
 PROGRESSIVE = mx.default_device() == mx.cpu
+# On a GPU a bank's experts are sent to the device as soon as their graph is built, so they run
+# while the host builds the next layer's dense graph (the next routing sync waits for both).
+EAGER = not PROGRESSIVE
+# On a GPU a bank with loads in flight returns its (lazy) output without waiting for them: the
+# host builds the rest of this layer and the next layer's graph while the disk reads, and the
+# next bank waits for the loads (``ExpertCache.settle``) before it evaluates anything. Sound
+# because mlx-lm's forward pass evaluates nothing between two MoE layers (true of every
+# architecture in ``store.ARCHS``; tests/test_engine.py checks each with deferral on), and the
+# last MoE layer of the model never defers.
+DEFER = not PROGRESSIVE
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -72,10 +82,12 @@ class StreamedBank:
         self.inner = bank
         self.num_experts = cache.store.num_experts
         self.predict_next = None  # (next MoE layer, its router, k) when prefetching is on
+        self.defer = False  # may return before its loads land (set for all but the last bank)
         self.prefetch_limit = max(1, cache.plan.staging_slots // 2)  # guessed loads per call
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         st = self.cache.stats
+        self.cache.settle()  # the previous bank's loads land before its output is evaluated
         t0 = time.perf_counter()
         guess = None
         if self.predict_next is not None and indices.size < SORT_MIN:
@@ -101,15 +113,23 @@ class StreamedBank:
                 out = part if out is None else out + part
             return out
         p = self.cache.begin(self.layer, experts)
+        deferred = False
         try:
             remap = np.zeros(self.num_experts, dtype=np.uint32)
             remap[experts] = p.slots
             if PROGRESSIVE and p.todo_or_inflight():
                 out = self._progressive(x, ids, remap, p)
                 st.overlapped += 1
+            elif self.defer and not st.profile and p.todo_or_inflight():
+                out = self.inner(x, mx.array(remap[ids]))  # lazy: runs once its loads landed
+                self.cache.defer(p)
+                deferred = True
+                st.overlapped += 1
             else:
                 self.cache.finish(p)
                 out = self.inner(x, mx.array(remap[ids]))
+                if EAGER:
+                    mx.async_eval(out)
             if guess is not None:  # this layer's loads are done: the disk is free for guesses
                 self.cache.prefetch(self.predict_next[0], np.unique(np.array(guess)),
                                     limit=self.prefetch_limit)
@@ -119,7 +139,8 @@ class StreamedBank:
                 st.expert_s += time.perf_counter() - t1
             return out
         finally:
-            self.cache.unpin(p.slots)  # ``out`` is still lazy
+            if not deferred:
+                self.cache.unpin(p.slots)  # ``out`` is still lazy
 
     def _guess(self, x: mx.array) -> mx.array:
         """The next MoE layer's experts, guessed by applying its router to this layer's input
@@ -223,6 +244,8 @@ def install_streamed_banks(model: nn.Module, cache: ExpertCache, quant: dict | N
         object.__setattr__(parent, attr, streamed)
         out.append((streamed, parent))
     out.sort(key=lambda sp: sp[0].layer)
+    for bank, _ in out[:-1]:
+        bank.defer = DEFER
     if prefetch:
         for (bank, _), (nxt, nxt_parent) in zip(out, out[1:], strict=False):
             router = _router_of(nxt_parent)

@@ -150,6 +150,26 @@ def test_prefetch_keeps_tokens_exact(models, arch, monkeypatch):
     assert got == want
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_deferred_loads_keep_tokens_exact(models, arch, monkeypatch):
+    """The GPU pipeline, run on the CPU: a bank with loads in flight returns its lazy output and
+    the next bank waits for those loads before evaluating anything. mlx-lm's forward pass of
+    every supported architecture must evaluate nothing in between."""
+    import flashmoe.orchestrator.streamed as streamed
+
+    monkeypatch.setattr(streamed, "PROGRESSIVE", False)
+    monkeypatch.setattr(streamed, "DEFER", True)
+    path = models[(arch, "mlx")]
+    want = reference_ids(path, PROMPT, N_TOKENS)
+    with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
+        assert [b.defer for b in eng.banks] == [True] * (len(eng.banks) - 1) + [False]
+        got = [t for c in eng.generate(GenRequest(id="d", prompt=PROMPT, max_tokens=N_TOKENS))
+               for t in c.token_ids]
+        assert eng.cache.stats.overlapped > 0  # some banks did return early
+        assert eng.cache.table.stats()["pinned"] == 0
+    assert got == want
+
+
 def test_prefetch_guesses_are_cheap(models):
     """A guess is never waited for unless asked for, leaves as the first to evict, and a guess
     that is asked for is counted and holds the right expert."""

@@ -228,11 +228,19 @@ def test_truncated_file_after_start(
         assert generate_ids(e, PROMPTS[0], MAX_TOKENS) == want
 
 
-@pytest.mark.parametrize("fault", ["flipped byte, packed", "truncated, packed", "truncated, mlx"])
+@pytest.mark.parametrize(
+    "fault",
+    ["flipped byte, packed", "truncated, packed", "truncated, mlx", "flipped byte, deferred"],
+)
 def test_load_error_names_layer_expert_and_file(
-    fault: str, tiny_model: Path, packed_model: Path, tmp_path: Path
+    fault: str, tiny_model: Path, packed_model: Path, tmp_path: Path, monkeypatch
 ) -> None:
+    from flashmoe.orchestrator import streamed
     from flashmoe.orchestrator.engine import Engine
+
+    if "deferred" in fault:  # the GPU pipeline: the bad load is found by the next bank
+        monkeypatch.setattr(streamed, "PROGRESSIVE", False)
+        monkeypatch.setattr(streamed, "DEFER", True)
 
     model = _copy(tiny_model if "mlx" in fault else packed_model, tmp_path)
     layer, expert = only_in_first(model)

@@ -75,9 +75,15 @@ def run_concurrently(eng: Engine, prompts: list[str]) -> dict[str, list[int]]:
     return ids
 
 
-@pytest.mark.parametrize("prefetch", [False, True], ids=["demand", "prefetch"])
-def test_two_lanes_with_evictions_give_mlx_lm_tokens(model, reference, prefetch, monkeypatch):
+@pytest.mark.parametrize("mode", ["demand", "prefetch", "deferred"])
+def test_two_lanes_with_evictions_give_mlx_lm_tokens(model, reference, mode, monkeypatch):
+    prefetch = mode == "prefetch"
     monkeypatch.setenv("FLASHMOE_PREFETCH", "1" if prefetch else "0")
+    if mode == "deferred":  # the GPU pipeline, on the CPU
+        from flashmoe.orchestrator import streamed
+
+        monkeypatch.setattr(streamed, "PROGRESSIVE", False)
+        monkeypatch.setattr(streamed, "DEFER", True)
     with Engine(str(model), memory_budget=budget_for(model, 80), dtype="float32",
                 lanes=2, max_batch=4) as eng:
         assert eng.lanes == 2 and eng.cache.shared
