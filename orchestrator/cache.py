@@ -16,7 +16,10 @@ Writing into an MLX array's buffer is safe here because a slot is overwritten on
 unpinned, and a bank unpins its slots only when no pending computation reads them: with one
 thread of compute, every write happens after the host has synchronised on the current layer's
 routing, which depends on every earlier read of the cache; with several compute lanes
-(``shared=True``) each lane keeps its pins until its own next routing sync (``unpin``).
+(``shared=True``) each lane keeps its pins until its own next routing sync (``unpin``). A bank
+may also hand on its output before its own loads land (``defer``): the next bank ``settle``s
+them (their copies included) before it evaluates anything. Prefetched guesses go to unpinned
+(already computed) slots and are never waited for unless asked for.
 
 Thread safety (``shared=True``): the slot table, the pending loads and the staging slots are
 guarded by one lock; the loader pool's socket is used by one thread at a time, the one that
@@ -128,7 +131,7 @@ class CacheStats:
     route_s: float = 0.0
     prefetched: int = 0  # guessed experts whose loads were started
     prefetch_used: int = 0  # of those, the ones a computation then asked for
-    overlapped: int = 0  # bank calls that computed experts while other experts still loaded
+    overlapped: int = 0  # bank calls overlapping compute or graph building with their loads
     parts: int = 0  # the pieces those calls were computed in (cached, then as misses landed)
     trace: list | None = None  # (layer, experts) per bank call, when a benchmark records it
     expert_s: float = 0.0

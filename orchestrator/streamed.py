@@ -130,7 +130,7 @@ class StreamedBank:
                 out = self.inner(x, mx.array(remap[ids]))
                 if EAGER:
                     mx.async_eval(out)
-            if guess is not None:  # this layer's loads are done: the disk is free for guesses
+            if guess is not None:  # queued behind this layer's own loads (landed unless deferred)
                 self.cache.prefetch(self.predict_next[0], np.unique(np.array(guess)),
                                     limit=self.prefetch_limit)
             if st.profile:

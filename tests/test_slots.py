@@ -136,7 +136,7 @@ def test_many_ops_consistent():
 
 def test_cold_slots_are_evicted_first():
     t = SlotTable(3)
-    a, b, g = load(t, "a"), load(t, "b"), None
+    a, b = load(t, "a"), load(t, "b")
     t.release(a)
     t.release(b)
     g, _ = t.acquire("guess")
