@@ -58,6 +58,7 @@ class Settings:
     dtype: str = "auto"
     slot_align: int = 16384
     prefetch: bool = False
+    prefetch_top: int = 4
     lanes: str = "auto"
     load_timeout_s: float = 30.0
     worker_start_timeout_s: float = 30.0

@@ -172,7 +172,8 @@ class Engine:
             override = _config_override(self.store.config, experts_per_token)
             self.model, self.config = load_dense(self.store.dense_dir, override)
             self.banks = install_streamed_banks(self.model, self.cache, self.store.quantization,
-                                                self.store.moe_layers, prefetch=s.prefetch)
+                                                self.store.moe_layers, prefetch=s.prefetch,
+                                                guess_top=s.prefetch_top)
             if s.dtype != "auto" or self.compute_dtype != _checkpoint_dtype(self.store.config):
                 # As a user of mlx-lm would: cast the whole model; "auto" on a GPU keeps the
                 # checkpoint's own dtypes, exactly as mlx_lm.load leaves them.

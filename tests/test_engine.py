@@ -150,6 +150,27 @@ def test_prefetch_keeps_tokens_exact(models, arch, monkeypatch):
     assert got == want
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])  # logits / (indices, scores)
+def test_guesses_are_the_next_routers_first_choices(models, arch, monkeypatch):
+    monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
+    monkeypatch.setenv("FLASHMOE_PREFETCH_TOP", "2")
+    path = models[(arch, "mlx")]
+    with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
+        bank = next(b for b in eng.banks if b.predict_next)
+        _layer, gate, k = bank.predict_next
+        assert bank.guess_top == 2 < k
+        x = mx.random.normal((1, 3, eng.model.args.hidden_size), key=mx.random.key(0))
+        got = np.array(bank._guess(x))
+        g = gate(x)
+        if isinstance(g, tuple):
+            inds, scores = (np.array(a) for a in g)
+            want = np.take_along_axis(inds, np.argsort(-scores, axis=-1), axis=-1)
+        else:
+            want = np.argsort(-np.array(g), axis=-1)
+        assert got.shape == (1, 3, 2)
+        assert np.array_equal(got, want[..., :2])
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_deferred_loads_keep_tokens_exact(models, arch, monkeypatch):
     """The GPU pipeline, run on the CPU: a bank with loads in flight returns its lazy output and
