@@ -283,11 +283,7 @@ class ExpertCache:
             self._wait(p, lambda: False)
         finally:
             with self._lock:
-                for slot, gen, _layer, _e in p.todo:  # never submitted after an error
-                    self.table.failed(slot, gen, cancelled=True)
-                p.todo = []
-                if p in self._queued:
-                    self._queued.remove(p)
+                self._drop_unsent(p)  # never submitted after an error
                 for slot, layer, e in p.waits:
                     if self.table.state(slot) != READY and p.error is None:
                         p.error = self._why.get(
@@ -362,8 +358,7 @@ class ExpertCache:
         for (as for another lane's load), and leaves the rest as the first to evict: a wrong
         guess costs a read, never a cached expert."""
         with self._lock:
-            self._cancel_unsent_guesses()
-            self._unpin_guesses()
+            self._drop_guesses()
             want = [int(e) for e in experts if self.table.lookup((layer, int(e))) is None]
         want = want[:limit] if limit is not None else want
         if not want:
@@ -378,17 +373,25 @@ class ExpertCache:
             self._guessed.update(((layer, e), None) for e in want)
         return len(want)
 
-    def _cancel_unsent_guesses(self) -> None:
-        """Forget this lane's guessed loads that no loader has started (lock held)."""
-        p = getattr(self._local, "prefetch", None)
-        if p is None or not p.todo:
-            return
+    def _drop_unsent(self, p: Pending) -> None:
+        """Forget ``p``'s loads that no loader has started (lock held)."""
         for slot, gen, layer, e in p.todo:
             self.table.failed(slot, gen, cancelled=True)
             self._guessed.pop((layer, e), None)
         p.todo = []
         if p in self._queued:
             self._queued.remove(p)
+
+    def _cancel_unsent_guesses(self) -> None:
+        """Forget this lane's guessed loads that no loader has started (lock held)."""
+        p = getattr(self._local, "prefetch", None)
+        if p is not None:
+            self._drop_unsent(p)
+
+    def _drop_guesses(self) -> None:
+        """This lane's guesses are of no use any more: cancel the unsent, unpin the rest."""
+        self._cancel_unsent_guesses()
+        self._unpin_guesses()
 
     def _unpin_guesses(self) -> None:
         """Drop this lane's pins on its guesses, as the first to evict (lock held); the loads
@@ -448,8 +451,7 @@ class ExpertCache:
                 pass  # already reported by the pass that failed
         if sync and getattr(self._local, "prefetch", None) is not None:
             with self._lock:  # idle: no next layer will ask for this lane's guesses
-                self._cancel_unsent_guesses()
-                self._unpin_guesses()
+                self._drop_guesses()
         held = getattr(self._local, "held", None)
         if not held:
             return
@@ -515,13 +517,12 @@ class ExpertCache:
                 p.landed.append(slot)
             else:
                 self.table.failed(slot, gen)
-                if not c.ok:
-                    why = f"layer {layer} expert {e}: {c.error}"
-                    if len(self._why) >= 4096:
-                        self._why.clear()
-                    self._why[(layer, e)] = why  # for lanes that wait on the same load
-                    if p.error is None:
-                        p.error = why
+                why = f"layer {layer} expert {e}: {c.error}"
+                if len(self._why) >= 4096:
+                    self._why.clear()
+                self._why[(layer, e)] = why  # for lanes that wait on the same load
+                if p.error is None:
+                    p.error = why
             if not (ok and self.copier is not None):
                 self._staging_free.append(stage)  # else once its copy is synced
 
