@@ -57,8 +57,9 @@ class Settings:
     io_chunk: str = "256KiB"
     dtype: str = "auto"
     slot_align: int = 16384
-    prefetch: bool = False
+    prefetch: str = "auto"
     prefetch_top: int = 4
+    prefetch_depth: int = 2
     lanes: str = "auto"
     load_timeout_s: float = 30.0
     worker_start_timeout_s: float = 30.0

@@ -21,6 +21,13 @@ may also hand on its output before its own loads land (``defer``): the next bank
 them (their copies included) before it evaluates anything. Prefetched guesses go to unpinned
 (already computed) slots and are never waited for unless asked for.
 
+Prefetch fills the disk's idle time: once a layer's own loads have landed, the disk would idle
+while the host computes that layer and routes the next one. A bank's guesses for the next layer
+are candidates, best first: ``_pump`` sends them once every demanded load has been sent (so a
+loader starts them after those), at most ``prefetch_depth`` at a time, and sends the next as
+one lands. The lane's next ``begin`` drops the candidates not sent yet, so a wrong guess that
+was never sent costs nothing, not even an eviction.
+
 Thread safety (``shared=True``): the slot table, the pending loads and the staging slots are
 guarded by one lock; the loader pool's socket is used by one thread at a time, the one that
 holds ``_io`` (leader), which submits every lane's queued loads, collects completions for all
@@ -112,7 +119,7 @@ class Pending:
     error: str | None = None
     waits: list = field(default_factory=list)  # (slot, layer, expert) another lane is loading
     landed: list = field(default_factory=list)  # slots loaded since the last ``progress``
-    guess: bool = False  # loads started by ``prefetch``: nobody waits for them
+    guess: bool = False  # a load started for a guess: nobody waits for it
 
     def todo_or_inflight(self) -> bool:
         return bool(self.todo or self.inflight or self.waits)
@@ -129,7 +136,7 @@ class CacheStats:
     # Set by benchmarks: the banks then also time routing and expert compute (an extra sync).
     profile: bool = False
     route_s: float = 0.0
-    prefetched: int = 0  # guessed experts whose loads were started
+    prefetched: int = 0  # guessed experts whose loads were started (sent to a loader)
     prefetch_used: int = 0  # of those, the ones a computation then asked for
     overlapped: int = 0  # bank calls overlapping compute or graph building with their loads
     parts: int = 0  # the pieces those calls were computed in (cached, then as misses landed)
@@ -175,7 +182,8 @@ class ExpertCache:
     POLL_SLICE_S = 0.002  # shared: longest a leader holds the loader socket in one poll
 
     def __init__(self, layout: RecordLayout, plan: PoolPlan, compute: mx.Dtype, loader, pool,
-                 store, load_timeout_s: float = 60.0, copier=None, shared: bool = False):
+                 store, load_timeout_s: float = 60.0, copier=None, shared: bool = False,
+                 prefetch_depth: int = 1):
         self.layout = layout
         self.plan = plan
         self.compute = compute
@@ -210,8 +218,14 @@ class ExpertCache:
         self._cv = threading.Condition(self._lock)
         self._io = threading.Lock()  # held by the one thread that talks to the loader pool
         self._why: dict[tuple[int, int], str] = {}  # (layer, expert) -> why its last load failed
-        self._local = threading.local()  # per lane: its prefetch and its deferred pins
+        self._local = threading.local()  # per lane: its deferred pins and loads
         self._guessed: dict[tuple[int, int], None] = {}  # prefetched, not asked for yet
+        # Prefetch, per lane (thread id): guesses not sent yet (best first), and the guessed
+        # loads it sent (pinned until its next ``begin``).
+        self.prefetch_depth = max(1, int(prefetch_depth))  # guessed loads in flight at once
+        self._cands: dict[int, list[tuple[int, int]]] = {}
+        self._guesses: dict[int, list[Pending]] = {}
+        self._guessing = 0  # guessed loads in flight
 
     @property
     def nslots(self) -> int:
@@ -231,13 +245,12 @@ class ExpertCache:
             raise
         return p.slots
 
-    def begin(self, layer: int, experts: Iterable[int], guess: bool = False) -> Pending:
-        """Pin the experts and start loading the missing ones without waiting for them.
-        ``guess``: the loads of a prefetch (not counted as hits or misses)."""
+    def begin(self, layer: int, experts: Iterable[int]) -> Pending:
+        """Pin the experts and start loading the missing ones without waiting for them."""
         slots, hit, todo, waits = [], [], [], []
         with self._lock:
-            if not guess:  # guesses still queued are dropped: this lane knows its real needs
-                self._cancel_unsent_guesses()
+            # guesses not sent yet are dropped: this lane knows its real needs
+            self._cands.pop(threading.get_ident(), None)
             try:
                 for e in experts:
                     key = (layer, int(e))
@@ -246,9 +259,9 @@ class ExpertCache:
                     hit.append(status == "hit")
                     if status == "miss":
                         todo.append((slot, self.table.generation(slot), layer, int(e)))
-                    elif status == "wait":  # another lane is loading it: wait for that load
+                    elif status == "wait":  # another lane (or a guess) is loading it: wait
                         waits.append((slot, layer, int(e)))
-                    if not guess and self._guessed and key in self._guessed:
+                    if self._guessed and key in self._guessed:
                         del self._guessed[key]
                         self.stats.prefetch_used += 1
             except BaseException:
@@ -258,13 +271,12 @@ class ExpertCache:
                     self.table.release(int(s))
                 raise
             st = self.stats
-            if not guess:
-                st.calls += 1
-                st.hits += len(slots) - len(todo) - len(waits)
-                st.misses += len(todo) + len(waits)
-                self._unpin_guesses()  # after this layer's hits are pinned: none is evicted
+            st.calls += 1
+            st.hits += len(slots) - len(todo) - len(waits)
+            st.misses += len(todo) + len(waits)
+            self._unpin_guesses()  # after this layer's hits are pinned: none is evicted
             p = Pending(np.asarray(slots, dtype=np.int32), np.asarray(hit, dtype=bool),
-                        list(reversed(todo)), waits=waits, guess=guess)
+                        list(reversed(todo)), waits=waits)
             if p.todo:
                 self._queued.append(p)
         if p.todo and self._io.acquire(blocking=False):
@@ -293,6 +305,7 @@ class ExpertCache:
             self.stats.io_wait_s += time.perf_counter() - t0
         if p.error is not None:
             raise LoadError(p.error)
+        self._kick()  # guesses held back by this layer's loads may go now
 
     def progress(self, p: Pending) -> list[int]:
         """Wait until one more of ``p``'s own loads has landed (or none is left to wait for);
@@ -352,57 +365,81 @@ class ExpertCache:
         return all(self.table.state(slot) != LOADING for slot, _l, _e in p.waits)
 
     def prefetch(self, layer: int, experts: Iterable[int], limit: int | None = None) -> int:
-        """Start loading guessed experts of a coming layer (those not cached or loading yet, at
-        most ``limit``) and return how many. Nobody waits for a guess. This lane's next
-        ``begin`` drops the guesses not sent to a loader yet, waits only for the ones it asks
-        for (as for another lane's load), and leaves the rest as the first to evict: a wrong
-        guess costs a read, never a cached expert."""
+        """Guess experts of a coming layer, best first; returns how many of them (at most
+        ``limit``) are neither cached nor loading. They replace this lane's earlier guesses and
+        are sent to a loader once no demanded load waits to be sent, at most ``prefetch_depth``
+        at a time (``_pump``). Nobody waits for a guess: this lane's next
+        ``begin`` drops the ones not sent yet, waits only for sent ones it asks for (as for
+        another lane's load), and leaves the rest as the first to evict."""
+        lane = threading.get_ident()
         with self._lock:
-            self._drop_guesses()
-            want = [int(e) for e in experts if self.table.lookup((layer, int(e))) is None]
-        want = want[:limit] if limit is not None else want
-        if not want:
-            return 0
-        try:
-            p = self.begin(layer, want, guess=True)
-        except BudgetError:  # no free slot for a guess: skip it
-            return 0
-        self._local.prefetch = p
-        with self._lock:
-            self.stats.prefetched += len(want)
-            self._guessed.update(((layer, e), None) for e in want)
-        return len(want)
+            self._drop_guesses(lane)
+            want = [(layer, int(e)) for e in experts
+                    if self.table.lookup((layer, int(e))) is None]
+            want = want[:limit] if limit is not None else want
+            if want:
+                self._cands[lane] = want  # consumed by ``_send_guesses``
+        n = len(want)
+        if n:
+            self._kick()
+        return n
+
+    def _kick(self) -> None:
+        """Send guesses now if the gate allows it and nobody else drives the loader."""
+        if self._cands and self._io.acquire(blocking=False):
+            try:
+                with self._lock:
+                    self._pump()
+            finally:
+                self._io.release()
+
+    def _send_guesses(self) -> None:
+        """Send the best candidates while no demanded load waits to be sent (``_io`` and the
+        lock held)."""
+        while (self._cands and self._guessing < self.prefetch_depth and self._staging_free
+               and not self._queued):
+            lane, cands = next(iter(self._cands.items()))
+            key = cands.pop(0)
+            if not cands:
+                del self._cands[lane]
+            if self.table.lookup(key) is not None:
+                continue  # cached or loading by now
+            try:
+                slot, _status = self.table.acquire(key)  # not in the table: a miss
+            except BudgetError:  # every slot pinned or loading: no room for guesses now
+                self._cands.clear()
+                return
+            layer, e = key
+            p = Pending(np.asarray([slot], dtype=np.int32), np.zeros(1, dtype=bool),
+                        [(slot, self.table.generation(slot), layer, e)], guess=True)
+            self._guesses.setdefault(lane, []).append(p)
+            self._guessed[key] = None
+            self.stats.prefetched += 1
+            self._submit(p)
 
     def _drop_unsent(self, p: Pending) -> None:
         """Forget ``p``'s loads that no loader has started (lock held)."""
-        for slot, gen, layer, e in p.todo:
+        for slot, gen, _layer, _e in p.todo:
             self.table.failed(slot, gen, cancelled=True)
-            self._guessed.pop((layer, e), None)
         p.todo = []
         if p in self._queued:
             self._queued.remove(p)
 
-    def _cancel_unsent_guesses(self) -> None:
-        """Forget this lane's guessed loads that no loader has started (lock held)."""
-        p = getattr(self._local, "prefetch", None)
-        if p is not None:
-            self._drop_unsent(p)
+    def _drop_guesses(self, lane: int | None = None) -> None:
+        """A lane's guesses are of no use any more: forget the unsent, unpin the rest (lock
+        held)."""
+        lane = threading.get_ident() if lane is None else lane
+        self._cands.pop(lane, None)
+        self._unpin_guesses(lane)
 
-    def _drop_guesses(self) -> None:
-        """This lane's guesses are of no use any more: cancel the unsent, unpin the rest."""
-        self._cancel_unsent_guesses()
-        self._unpin_guesses()
-
-    def _unpin_guesses(self) -> None:
-        """Drop this lane's pins on its guesses, as the first to evict (lock held); the loads
+    def _unpin_guesses(self, lane: int | None = None) -> None:
+        """Drop a lane's pins on its sent guesses, as the first to evict (lock held); the loads
         in flight go on and land unpinned."""
-        p = getattr(self._local, "prefetch", None)
-        if p is None:
-            return
-        self._local.prefetch = None
-        for s in p.slots:
-            self._guessed.pop(self.table.key_of(int(s)), None)  # used only by the next begin
-            self.table.release(int(s), cold=True)
+        sent = self._guesses.pop(threading.get_ident() if lane is None else lane, None)
+        for p in sent or ():
+            for s in p.slots:
+                self._guessed.pop(self.table.key_of(int(s)), None)  # used only by the next begin
+                self.table.release(int(s), cold=True)
 
     def release(self, slots: Iterable[int]) -> None:
         with self._lock:
@@ -449,9 +486,10 @@ class ExpertCache:
                 self.settle()
             except LoadError:
                 pass  # already reported by the pass that failed
-        if sync and getattr(self._local, "prefetch", None) is not None:
+        lane = threading.get_ident()
+        if sync and (lane in self._cands or lane in self._guesses):
             with self._lock:  # idle: no next layer will ask for this lane's guesses
-                self._drop_guesses()
+                self._drop_guesses(lane)
         held = getattr(self._local, "held", None)
         if not held:
             return
@@ -474,20 +512,29 @@ class ExpertCache:
                 self._io.release()
 
     def _pump(self) -> None:
-        """Submit queued loads while staging slots are free (``_io`` and the lock held)."""
-        if self._queued and not self._staging_free:
+        """Submit queued loads while staging slots are free, then guesses if nothing demanded
+        is left to read (``_io`` and the lock held)."""
+        if (self._queued or self._cands) and not self._staging_free:
             self._sync_copies()  # staging slots whose copies have landed are free again
         while self._queued and self._staging_free:
             p = self._queued[0]
             if not p.todo or p.error is not None:
                 self._queued.pop(0)
                 continue
-            slot, gen, layer, e = p.todo.pop()
-            stage = self._staging_free.pop()
-            req = self.loader.submit(stage, self.store.extents(layer, e),
-                                     self.store.checksum(layer, e))
-            p.inflight[req] = (stage, slot, gen, layer, e)
-            self._owner[req] = p
+            self._submit(p)
+        if self._cands:
+            self._send_guesses()
+
+    def _submit(self, p: Pending) -> None:
+        """Send the next of ``p``'s loads to a loader (a staging slot is free; lock held)."""
+        slot, gen, layer, e = p.todo.pop()
+        stage = self._staging_free.pop()
+        req = self.loader.submit(stage, self.store.extents(layer, e),
+                                 self.store.checksum(layer, e))
+        p.inflight[req] = (stage, slot, gen, layer, e)
+        self._owner[req] = p
+        if p.guess:
+            self._guessing += 1
 
     def _complete(self, c) -> None:
         with self._lock:
@@ -495,6 +542,8 @@ class ExpertCache:
             if p is None:
                 return
             stage, slot, gen, layer, e = p.inflight[c.req]
+            if p.guess:
+                self._guessing -= 1
             ok = c.ok  # good bytes are kept even if another load of ``p`` failed: other
             # lanes may be waiting for this expert
             if ok and self.copier is not None:

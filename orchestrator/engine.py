@@ -117,6 +117,19 @@ def resolve_lanes(setting: str, cache_slots: int, num_experts: int) -> int:
     return n
 
 
+def resolve_prefetch(setting) -> bool:
+    """Prefetch: ``auto`` = on a GPU, where decode waits on the disk and the host would leave it
+    idle while it routes (on the CPU backend compute dominates and guesses gained nothing)."""
+    v = str(setting).strip().lower()
+    if v == "auto":
+        return mx.default_device() != mx.cpu
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"setting prefetch: expected auto, on or off, got {setting!r}")
+
+
 def default_budget(settings: Settings, dense_bytes: int) -> int:
     avail = psutil.virtual_memory().available
     return max(0, int((avail - dense_bytes) * settings.auto_budget_fraction))
@@ -167,12 +180,13 @@ class Engine:
             self.cache = ExpertCache(self.store.layout, self.plan, self.compute_dtype,
                                      self.loader, self.pool, self.store,
                                      load_timeout_s=4 * s.load_timeout_s,
-                                     shared=self.lanes > 1)
+                                     shared=self.lanes > 1, prefetch_depth=s.prefetch_depth)
             self.cache.copier = make_copier(self.cache, self.pool)  # None unless on CUDA
             override = _config_override(self.store.config, experts_per_token)
             self.model, self.config = load_dense(self.store.dense_dir, override)
             self.banks = install_streamed_banks(self.model, self.cache, self.store.quantization,
-                                                self.store.moe_layers, prefetch=s.prefetch,
+                                                self.store.moe_layers,
+                                                prefetch=resolve_prefetch(s.prefetch),
                                                 guess_top=s.prefetch_top)
             if s.dtype != "auto" or self.compute_dtype != _checkpoint_dtype(self.store.config):
                 # As a user of mlx-lm would: cast the whole model; "auto" on a GPU keeps the

@@ -84,7 +84,7 @@ class StreamedBank:
         self.predict_next = None  # (next MoE layer, its router, k) when prefetching is on
         self.guess_top = 0  # with prefetch: guess the next router's best this many per token
         self.defer = False  # may return before its loads land (set for all but the last bank)
-        self.prefetch_limit = max(1, cache.plan.staging_slots // 2)  # guessed loads per call
+        self.prefetch_limit = max(1, cache.plan.staging_slots // 2)  # guesses kept per call
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         st = self.cache.stats
@@ -131,8 +131,8 @@ class StreamedBank:
                 out = self.inner(x, mx.array(remap[ids]))
                 if EAGER:
                     mx.async_eval(out)
-            if guess is not None:  # queued behind this layer's own loads (landed unless deferred)
-                self.cache.prefetch(self.predict_next[0], np.unique(np.array(guess)),
+            if guess is not None:  # sent once this layer's own loads have landed
+                self.cache.prefetch(self.predict_next[0], _best_first(np.array(guess)),
                                     limit=self.prefetch_limit)
             if st.profile:
                 t1 = time.perf_counter()
@@ -200,6 +200,14 @@ class StreamedBank:
             return out
         finally:
             self.cache.release(slots)
+
+
+def _best_first(guess: np.ndarray) -> np.ndarray:
+    """The distinct experts of ``guess`` ([..., rank], best first per token): every token's
+    first choice, then every token's second, ..., each expert once."""
+    flat = guess.reshape(-1, guess.shape[-1]).T.reshape(-1)
+    _, first = np.unique(flat, return_index=True)
+    return flat[np.sort(first)]
 
 
 def find_banks(model: nn.Module) -> list[tuple[str, int, nn.Module]]:

@@ -171,6 +171,24 @@ def test_guesses_are_the_next_routers_first_choices(models, arch, monkeypatch):
         assert np.array_equal(got, want[..., :2])
 
 
+def test_prefetch_setting():
+    from flashmoe.configs import ConfigError
+    from flashmoe.orchestrator.engine import resolve_prefetch
+
+    assert resolve_prefetch("auto") is (mx.default_device() != mx.cpu)
+    assert resolve_prefetch("on") is resolve_prefetch(True) is resolve_prefetch("1") is True
+    assert resolve_prefetch("off") is resolve_prefetch(False) is resolve_prefetch("0") is False
+    with pytest.raises(ConfigError, match="prefetch"):
+        resolve_prefetch("sometimes")
+
+
+def test_guesses_go_best_first():
+    from flashmoe.orchestrator.streamed import _best_first
+
+    guess = np.array([[[5, 2, 9], [2, 7, 5]]])  # two tokens, each its best three
+    assert _best_first(guess).tolist() == [5, 2, 7, 9]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_deferred_loads_keep_tokens_exact(models, arch, monkeypatch):
     """The GPU pipeline, run on the CPU: a bank with loads in flight returns its lazy output and
@@ -191,35 +209,61 @@ def test_deferred_loads_keep_tokens_exact(models, arch, monkeypatch):
     assert got == want
 
 
-def test_prefetch_guesses_are_cheap(models):
-    """A guess is never waited for unless asked for, leaves as the first to evict, and a guess
-    that is asked for is counted and holds the right expert."""
+@pytest.mark.parametrize("depth", [1, 2])
+def test_prefetch_guesses_fill_idle_disk_time(models, depth, monkeypatch):
+    """Guesses go to a loader only once every demanded load has been sent, best first,
+    ``depth`` at a time; unsent ones are dropped by the next layer at no cost (no slot); a sent
+    one that is asked for is counted and holds the right expert; the rest are evicted first."""
+    monkeypatch.setenv("FLASHMOE_PREFETCH_DEPTH", str(depth))
     path = models[("qwen3_moe", "mlx")]
     with Engine(str(path), memory_budget=3 * quarter_budget(path), dtype="float32") as eng:
-        cache, t = eng.cache, eng.cache.table
-        assert cache.plan.staging_slots >= 3  # every guess goes to a loader at once
+        cache, t, st = eng.cache, eng.cache.table, eng.cache.stats
         l0, l1 = eng.store.moe_layers[:2]
         cache.release(cache.acquire(l0, [0, 1, 2]))
-        assert cache.prefetch(l0, [1, 2]) == 0  # cached: nothing to start
-        assert cache.prefetch(l1, [5, 6, 7]) == 3
-        guessed = {e: t.lookup((l1, e)) for e in (5, 6, 7)}
-        p = cache.begin(l1, [6, 3])  # asks for one guess, not the others
+        assert cache.prefetch(l0, [1, 2]) == 0  # cached: nothing to guess
+        # More misses than staging slots: some demanded loads wait to be sent, so do guesses.
+        misses = [e for e in range(eng.store.num_experts) if t.lookup((l0, e)) is None]
+        assert len(misses) > cache.plan.staging_slots
+        p0 = cache.begin(l0, misses)
+        assert cache.prefetch(l1, [7, 5, 6]) == 3
+        assert st.prefetched == 0 and t.lookup((l1, 7)) is None
+        cache.finish(p0)  # all sent and landed: the guesses go out, best first
+        cache.release(p0.slots)
+        sent = [t.lookup((l1, e)) is not None for e in (7, 5, 6)]
+        assert st.prefetched >= depth and sent == [True] * st.prefetched + [False] * (
+            3 - st.prefetched)
+        p = cache.begin(l1, [7, 3])  # asks for the best guess
         cache.finish(p)
-        assert cache.stats.prefetch_used == 1 and cache.stats.prefetched == 3
-        assert t.pins(guessed[5]) == 0 and t.pins(guessed[6]) == 1
-        deadline = time.monotonic() + 10
-        while {t.state(guessed[5]), t.state(guessed[7])} != {"ready"}:
-            assert time.monotonic() < deadline
-            cache.tend()  # the guesses nobody asked for land on their own
+        assert st.prefetch_used == 1
         name = cache.layout.tensors[0].name
-        got = np.array(cache.arrays[name][guessed[6]])
-        assert np.array_equal(got, eng.store.record_arrays(l1, 6)[name])
+        got = np.array(cache.arrays[name][p.slots[0]])
+        assert np.array_equal(got, eng.store.record_arrays(l1, 7)[name])
         cache.release(p.slots)
+        # Nothing in flight: ``depth`` guesses go at once, the rest wait for them to land.
+        deadline = time.monotonic() + 10
+        while t.stats()["loading"]:  # the guesses nobody asked for land on their own
+            assert time.monotonic() < deadline
+            cache.tend()
+        l2 = eng.store.moe_layers[2]
+        a, b, c, d = [e for e in range(eng.store.num_experts) if t.lookup((l2, e)) is None][:4]
+        before = st.prefetched
+        assert cache.prefetch(l2, [a, b, c, d]) == 4
+        assert st.prefetched == before + depth
+        guess = t.lookup((l2, a))
+        cache.release(cache.acquire(l2, [d]))  # not a guess it asked for
+        assert t.lookup((l2, c)) is None  # never sent: dropped without a slot
+        assert st.prefetched == before + depth
+        deadline = time.monotonic() + 10
+        while t.state(guess) != "ready":  # unpinned, it lands on its own
+            assert time.monotonic() < deadline
+            cache.tend()
+        assert t.pins(guess) == 0
+        unasked = {t.lookup(k) for k in [(l2, b), (l1, 5), (l1, 6)]} | {guess}
         filler = [t.acquire(("filler", i))[0] for i in range(t.stats()["free"])]
-        fresh = [t.acquire(("new", e))[0] for e in range(2)]  # evictions take the guesses
-        assert set(fresh) == {guessed[5], guessed[7]}
+        fresh = t.acquire(("new", 0))[0]  # the first eviction takes a guess
+        assert fresh in unasked - {None}
         assert t.lookup((l0, 0)) is not None  # older, but asked for: still cached
-        for s in filler + fresh:
+        for s in filler + [fresh]:
             t.failed(s, t.generation(s), cancelled=True)
             t.release(s)
 
