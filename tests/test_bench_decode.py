@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ def test_bench_decode_json(tmp_path):
          "--memory-budget", "400KiB", "--tokens", "6", "--prompt-tokens", "5", "--streams", "2",
          "--baseline", "--profile", "--trace-out", str(trace), "--json"],
         capture_output=True, text=True, timeout=300,
+        env={**os.environ, "FLASHMOE_PREFETCH": "on"},
     )
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
@@ -25,6 +27,11 @@ def test_bench_decode_json(tmp_path):
         assert isinstance(r[key], float), key
     assert r["ratio"] > 0 and 0 <= r["hit_rate"] <= 1
     assert r["bytes_per_token"] > 0  # 400 KiB holds a fraction of the experts
+    # guesses nobody used do not count as needed, and the I/O floor uses the needed bytes
+    assert 0 < r["needed_bytes_per_token"] <= r["bytes_per_token"]
+    assert 0 <= r["guesses_used_per_token"] <= r["guesses_per_token"]
+    assert abs(r["io_floor_tokens_per_s"] * r["needed_bytes_per_token"]
+               - r["disk_gb_per_s"] * 1e9) < 1e-3 * r["disk_gb_per_s"] * 1e9
     assert set(r["aggregate_tokens_per_s"]) == {"1", "2"}
     assert set(r["baseline_aggregate_tokens_per_s"]) == {"1", "2"}
     assert all(v > 0 for v in r["baseline_aggregate_tokens_per_s"].values())
