@@ -266,6 +266,34 @@ def test_load_error_names_layer_expert_and_file(
         assert "layer " in msg and " expert " in msg, msg
 
 
+def test_corrupt_guess_fails_the_layer_that_asks_for_it(packed_model: Path, tmp_path: Path) -> None:
+    """A prefetched record with a flipped byte fails unseen; the layer that then asks for that
+    expert gets the checksum error naming it, and asking again reads it again."""
+    from flashmoe.orchestrator.engine import Engine
+
+    model = _copy(packed_model, tmp_path)
+    with Engine(str(model), memory_budget=SMALL_BUDGET, workers=1) as e:
+        cache = e.cache
+        layer = e.store.moe_layers[-1]
+        expert = next(x for x in range(e.store.num_experts)
+                      if cache.table.lookup((layer, x)) is None)
+        ext = e.store.extents(layer, expert)[0]
+        with open(ext.path, "r+b") as f:
+            f.seek(ext.offset + ext.length // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        assert cache.prefetch(layer, [expert]) == 1 and cache.stats.prefetched == 1
+        for _ in range(2):
+            p = cache.begin(layer, [expert])
+            try:
+                with pytest.raises(LoadError, match=f"layer {layer} expert {expert}: checksum"):
+                    cache.finish(p)
+            finally:
+                cache.release(p.slots)
+        assert cache.stats.prefetch_used == 1 and cache.table.lookup((layer, expert)) is None
+
+
 # -- 4. crash and restart ---------------------------------------------------------------------
 
 
