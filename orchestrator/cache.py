@@ -183,7 +183,7 @@ class ExpertCache:
 
     def __init__(self, layout: RecordLayout, plan: PoolPlan, compute: mx.Dtype, loader, pool,
                  store, load_timeout_s: float = 60.0, copier=None, shared: bool = False,
-                 prefetch_depth: int = 1):
+                 prefetch_depth: int = 2):
         self.layout = layout
         self.plan = plan
         self.compute = compute
@@ -305,7 +305,7 @@ class ExpertCache:
             self.stats.io_wait_s += time.perf_counter() - t0
         if p.error is not None:
             raise LoadError(p.error)
-        self._kick()  # guesses held back by this layer's loads may go now
+        self._kick()  # guesses held back while this layer's loads waited for staging may go
 
     def progress(self, p: Pending) -> list[int]:
         """Wait until one more of ``p``'s own loads has landed (or none is left to wait for);
@@ -368,9 +368,9 @@ class ExpertCache:
         """Guess experts of a coming layer, best first; returns how many of them (at most
         ``limit``) are neither cached nor loading. They replace this lane's earlier guesses and
         are sent to a loader once no demanded load waits to be sent, at most ``prefetch_depth``
-        at a time (``_pump``). Nobody waits for a guess: this lane's next
-        ``begin`` drops the ones not sent yet, waits only for sent ones it asks for (as for
-        another lane's load), and leaves the rest as the first to evict."""
+        at a time (``_pump``). Nobody waits for a guess: this lane's next ``begin`` drops the
+        ones not sent yet, waits only for sent ones it asks for (as for another lane's load),
+        and leaves the rest as the first to evict."""
         lane = threading.get_ident()
         with self._lock:
             self._drop_guesses(lane)

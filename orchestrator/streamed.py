@@ -131,7 +131,7 @@ class StreamedBank:
                 out = self.inner(x, mx.array(remap[ids]))
                 if EAGER:
                     mx.async_eval(out)
-            if guess is not None:  # sent once this layer's own loads have landed
+            if guess is not None:  # read after this layer's own loads
                 self.cache.prefetch(self.predict_next[0], _best_first(np.array(guess)),
                                     limit=self.prefetch_limit)
             if st.profile:
