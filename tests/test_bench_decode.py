@@ -30,6 +30,8 @@ def test_bench_decode_json(tmp_path):
     # guesses nobody used do not count as needed, and the I/O floor uses the needed bytes
     assert 0 < r["needed_bytes_per_token"] <= r["bytes_per_token"]
     assert 0 <= r["guesses_used_per_token"] <= r["guesses_per_token"]
+    before, after = r["disk_gb_per_s_before_after"]
+    assert before > 0 and after > 0 and r["disk_gb_per_s"] == (before + after) / 2
     assert abs(r["io_floor_tokens_per_s"] * r["needed_bytes_per_token"]
                - r["disk_gb_per_s"] * 1e9) < 1e-3 * r["disk_gb_per_s"] * 1e9
     assert set(r["aggregate_tokens_per_s"]) == {"1", "2"}
