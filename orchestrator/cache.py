@@ -279,12 +279,8 @@ class ExpertCache:
                         list(reversed(todo)), waits=waits)
             if p.todo:
                 self._queued.append(p)
-        if p.todo and self._io.acquire(blocking=False):
-            try:
-                with self._lock:
-                    self._pump()
-            finally:
-                self._io.release()
+        if p.todo:
+            self._kick()
         return p
 
     def finish(self, p: Pending) -> None:
@@ -305,7 +301,8 @@ class ExpertCache:
             self.stats.io_wait_s += time.perf_counter() - t0
         if p.error is not None:
             raise LoadError(p.error)
-        self._kick()  # guesses held back while this layer's loads waited for staging may go
+        if self._cands:  # guesses held back while this layer's loads waited for staging
+            self._kick()
 
     def progress(self, p: Pending) -> list[int]:
         """Wait until one more of ``p``'s own loads has landed (or none is left to wait for);
@@ -385,8 +382,8 @@ class ExpertCache:
         return n
 
     def _kick(self) -> None:
-        """Send guesses now if the gate allows it and nobody else drives the loader."""
-        if self._cands and self._io.acquire(blocking=False):
+        """Send what waits to be sent, unless another thread drives the loader."""
+        if self._io.acquire(blocking=False):
             try:
                 with self._lock:
                     self._pump()
