@@ -320,7 +320,8 @@ class ExpertCache:
         return out
 
     def _wait(self, p: Pending, enough) -> None:
-        """Drive or follow the loader until ``p`` is settled or ``enough()`` (lock held)."""
+        """Drive or follow the loader until ``p`` is settled or ``enough()`` (call without
+        the lock: followers wait on it)."""
         deadline = time.perf_counter() + self.load_timeout_s
         while True:
             with self._lock:
@@ -422,10 +423,9 @@ class ExpertCache:
         if p in self._queued:
             self._queued.remove(p)
 
-    def _drop_guesses(self, lane: int | None = None) -> None:
+    def _drop_guesses(self, lane: int) -> None:
         """A lane's guesses are of no use any more: forget the unsent, unpin the rest (lock
         held)."""
-        lane = threading.get_ident() if lane is None else lane
         self._cands.pop(lane, None)
         self._unpin_guesses(lane)
 
