@@ -60,6 +60,7 @@ class Settings:
     prefetch: str = "auto"
     prefetch_top: int = 4
     prefetch_depth: int = 2
+    prefetch_ahead: int = 1
     lanes: str = "auto"
     load_timeout_s: float = 30.0
     worker_start_timeout_s: float = 30.0
@@ -72,6 +73,10 @@ class Settings:
     def with_overrides(self, **kw) -> Settings:
         """Return a copy with the given non-None values replaced."""
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+# Settings that are counts with a floor: a value below it is a mistake, not a request.
+_AT_LEAST = {"prefetch_top": 0, "prefetch_depth": 1, "prefetch_ahead": 1}
 
 
 def load_settings(path: str | os.PathLike | None = None) -> Settings:
@@ -94,4 +99,7 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
                 out[f.name] = type(default)(value)
             except ValueError as e:
                 raise ConfigError(f"setting {f.name}: {e}") from None
+            low = _AT_LEAST.get(f.name)
+            if low is not None and out[f.name] < low:
+                raise ConfigError(f"setting {f.name}: must be >= {low}, got {out[f.name]}")
     return Settings(**out)

@@ -220,12 +220,15 @@ class ExpertCache:
         self._why: dict[tuple[int, int], str] = {}  # (layer, expert) -> why its last load failed
         self._local = threading.local()  # per lane: its deferred pins and loads
         self._guessed: dict[tuple[int, int], None] = {}  # prefetched, not asked for yet
-        # Prefetch, per lane (thread id): guesses not sent yet (best first), and the guessed
-        # loads it sent (pinned until its next ``begin``).
+        # Prefetch, per lane (thread id): guesses not sent yet (best first), the guessed loads
+        # it sent, as (layer guessed, load), each pinned until the lane begins that layer, and
+        # the last layer the lane began.
         self.prefetch_depth = max(1, int(prefetch_depth))  # guessed loads in flight at once
-        self._cands: dict[int, list[tuple[int, int]]] = {}
-        self._guesses: dict[int, list[Pending]] = {}
+        self._cands: dict[int, list[tuple[tuple[int, int], bool]]] = {}  # (key, early)
+        self._guesses: dict[int, list[tuple[int, Pending]]] = {}
+        self._at: dict[int, int] = {}
         self._guessing = 0  # guessed loads in flight
+        self._demanding = 0  # demanded loads in flight
 
     @property
     def nslots(self) -> int:
@@ -248,9 +251,10 @@ class ExpertCache:
     def begin(self, layer: int, experts: Iterable[int]) -> Pending:
         """Pin the experts and start loading the missing ones without waiting for them."""
         slots, hit, todo, waits = [], [], [], []
+        lane = threading.get_ident()
         with self._lock:
             # guesses not sent yet are dropped: this lane knows its real needs
-            self._cands.pop(threading.get_ident(), None)
+            self._cands.pop(lane, None)
             try:
                 for e in experts:
                     key = (layer, int(e))
@@ -274,7 +278,12 @@ class ExpertCache:
             st.calls += 1
             st.hits += len(slots) - len(todo) - len(waits)
             st.misses += len(todo) + len(waits)
-            self._unpin_guesses()  # after this layer's hits are pinned: none is evicted
+            # after this layer's hits are pinned (none is evicted): the guesses for this layer,
+            # and any left from an earlier pass, are of no further use
+            back = layer < self._at.get(lane, -1)
+            self._at[lane] = layer
+            if lane in self._guesses:
+                self._unpin_guesses(lane, None if back else layer)
             p = Pending(np.asarray(slots, dtype=np.int32), np.asarray(hit, dtype=bool),
                         list(reversed(todo)), waits=waits)
             if p.todo:
@@ -362,18 +371,24 @@ class ExpertCache:
             return False
         return all(self.table.state(slot) != LOADING for slot, _l, _e in p.waits)
 
-    def prefetch(self, layer: int, experts: Iterable[int], limit: int | None = None) -> int:
-        """Guess experts of a coming layer, best first; returns how many of them (at most
-        ``limit``) are neither cached nor loading. They replace this lane's earlier guesses and
-        are sent to a loader once no demanded load waits to be sent, at most ``prefetch_depth``
-        at a time (``_pump``). Nobody waits for a guess: this lane's next ``begin`` drops the
-        ones not sent yet, waits only for sent ones it asks for (as for another lane's load),
-        and leaves the rest as the first to evict."""
+    def prefetch(self, keys: Iterable[tuple[int, int]], limit: int | None = None,
+                 early: int | None = None) -> int:
+        """Guess ``(layer, expert)``s of coming layers, best first; returns how many of them
+        (at most ``limit``) are neither cached nor loading. They replace this lane's unsent
+        guesses and are sent to a loader once no demanded load waits to be sent, at most
+        ``prefetch_depth`` at a time (``_pump``); only the first ``early`` keys (None: all) go
+        while demanded loads are still being read, the rest wait for the disk to have nothing
+        else to do. Nobody waits for a guess: a sent one stays pinned until this lane begins
+        the guessed layer, which waits for it only if it asks for it (as for another lane's
+        load); the rest become the first to evict. The lane's next ``begin`` drops the ones
+        not sent yet."""
         lane = threading.get_ident()
         with self._lock:
-            self._drop_guesses(lane)
-            want = [(layer, int(e)) for e in experts
-                    if self.table.lookup((layer, int(e))) is None]
+            self._cands.pop(lane, None)
+            keys = [(int(layer), int(e)) for layer, e in keys]
+            n_early = len(keys) if early is None else early
+            want = [(key, i < n_early) for i, key in enumerate(keys)
+                    if self.table.lookup(key) is None]
             want = want[:limit] if limit is not None else want
             if want:
                 self._cands[lane] = want  # consumed by ``_send_guesses``
@@ -392,12 +407,16 @@ class ExpertCache:
                 self._io.release()
 
     def _send_guesses(self) -> None:
-        """Send the best candidates while no demanded load waits to be sent (``_io`` and the
-        lock held)."""
+        """Send the best candidates while no demanded load waits to be sent, late ones only
+        while none is being read either (``_io`` and the lock held)."""
         while (self._cands and self._guessing < self.prefetch_depth and self._staging_free
                and not self._queued):
-            lane, cands = next(iter(self._cands.items()))
-            key = cands.pop(0)
+            lane = next((lane for lane, c in self._cands.items()
+                         if c[0][1] or not self._demanding), None)
+            if lane is None:
+                return  # only late guesses left, and the disk still reads demanded loads
+            cands = self._cands[lane]
+            key, _early = cands.pop(0)
             if not cands:
                 del self._cands[lane]
             if self.table.lookup(key) is not None:
@@ -410,7 +429,7 @@ class ExpertCache:
             layer, e = key
             p = Pending(np.asarray([slot], dtype=np.int32), np.zeros(1, dtype=bool),
                         [(slot, self.table.generation(slot), layer, e)], guess=True)
-            self._guesses.setdefault(lane, []).append(p)
+            self._guesses.setdefault(lane, []).append((layer, p))
             self._guessed[key] = None
             self.stats.prefetched += 1
             self._submit(p)
@@ -427,15 +446,21 @@ class ExpertCache:
         """A lane's guesses are of no use any more: forget the unsent, unpin the rest (lock
         held)."""
         self._cands.pop(lane, None)
+        self._at.pop(lane, None)
         self._unpin_guesses(lane)
 
-    def _unpin_guesses(self, lane: int | None = None) -> None:
-        """Drop a lane's pins on its sent guesses, as the first to evict (lock held); the loads
-        in flight go on and land unpinned."""
-        sent = self._guesses.pop(threading.get_ident() if lane is None else lane, None)
-        for p in sent or ():
+    def _unpin_guesses(self, lane: int, upto: int | None = None) -> None:
+        """Drop a lane's pins on its sent guesses for layers up to ``upto`` (None: all), as the
+        first to evict (lock held); loads in flight go on and land unpinned."""
+        sent = self._guesses.pop(lane, None) or []
+        keep = [g for g in sent if upto is not None and g[0] > upto]
+        if keep:
+            self._guesses[lane] = keep
+        for layer, p in sent:
+            if upto is not None and layer > upto:
+                continue
             for s in p.slots:
-                self._guessed.pop(self.table.key_of(int(s)), None)  # used only by the next begin
+                self._guessed.pop(self.table.key_of(int(s)), None)  # asked for, or not, by now
                 self.table.release(int(s), cold=True)
 
     def release(self, slots: Iterable[int]) -> None:
@@ -484,7 +509,7 @@ class ExpertCache:
             except LoadError:
                 pass  # already reported by the pass that failed
         lane = threading.get_ident()
-        if sync and (lane in self._cands or lane in self._guesses):
+        if sync and (lane in self._cands or lane in self._guesses or lane in self._at):
             with self._lock:  # idle: no next layer will ask for this lane's guesses
                 self._drop_guesses(lane)
         held = getattr(self._local, "held", None)
@@ -532,6 +557,8 @@ class ExpertCache:
         self._owner[req] = p
         if p.guess:
             self._guessing += 1
+        else:
+            self._demanding += 1
 
     def _complete(self, c) -> None:
         with self._lock:
@@ -541,6 +568,8 @@ class ExpertCache:
             stage, slot, gen, layer, e = p.inflight[c.req]
             if p.guess:
                 self._guessing -= 1
+            else:
+                self._demanding -= 1
             ok = c.ok  # good bytes are kept even if another load of ``p`` failed: other
             # lanes may be waiting for this expert
             if ok and self.copier is not None:

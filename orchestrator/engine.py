@@ -102,7 +102,7 @@ def load_dense(path: Path, model_config: dict | None) -> tuple[nn.Module, dict]:
 def resolve_lanes(setting: str, cache_slots: int, num_experts: int) -> int:
     """Compute lanes: ``auto`` = one per CPU core (up to 4) on the CPU backend, 1 on a GPU;
     never more than the cache can serve without running out of unpinned slots (a lane pins at
-    most one layer's experts plus one layer of prefetch guesses)."""
+    most one layer's experts plus its prefetch guesses, a few per coming layer)."""
     if str(setting) == "auto":
         n = min(4, os.cpu_count() or 1) if mx.default_device() == mx.cpu else 1
     else:
@@ -187,7 +187,8 @@ class Engine:
             self.banks = install_streamed_banks(self.model, self.cache, self.store.quantization,
                                                 self.store.moe_layers,
                                                 prefetch=resolve_prefetch(s.prefetch),
-                                                guess_top=s.prefetch_top)
+                                                guess_top=s.prefetch_top,
+                                                ahead=s.prefetch_ahead)
             if s.dtype != "auto" or self.compute_dtype != _checkpoint_dtype(self.store.config):
                 # As a user of mlx-lm would: cast the whole model; "auto" on a GPU keeps the
                 # checkpoint's own dtypes, exactly as mlx_lm.load leaves them.

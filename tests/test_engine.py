@@ -142,7 +142,7 @@ def test_prefetch_keeps_tokens_exact(models, arch, monkeypatch):
     path = models[(arch, "mlx")]
     want = reference_ids(path, PROMPT, N_TOKENS)
     with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
-        assert any(b.predict_next for b in eng.banks)
+        assert any(b.ahead for b in eng.banks)
         got = [t for c in eng.generate(GenRequest(id="p", prompt=PROMPT, max_tokens=N_TOKENS))
                for t in c.token_ids]
         st = eng.cache.stats
@@ -154,21 +154,25 @@ def test_prefetch_keeps_tokens_exact(models, arch, monkeypatch):
 def test_guesses_are_the_next_routers_first_choices(models, arch, monkeypatch):
     monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
     monkeypatch.setenv("FLASHMOE_PREFETCH_TOP", "2")
+    monkeypatch.setenv("FLASHMOE_PREFETCH_AHEAD", "2")
     path = models[(arch, "mlx")]
     with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
-        bank = next(b for b in eng.banks if b.predict_next)
-        _layer, gate, k = bank.predict_next
-        assert bank.guess_top == 2 < k
+        layers = [b.layer for b in eng.banks]
+        for i, bank in enumerate(eng.banks):  # the next two MoE layers, fewer near the end
+            assert [a[0] for a in bank.ahead] == layers[i + 1:i + 3]
+        bank = eng.banks[0]
         x = mx.random.normal((1, 3, eng.model.args.hidden_size), key=mx.random.key(0))
         got = np.array(bank._guess(x))
-        g = gate(x)
-        if isinstance(g, tuple):
-            inds, scores = (np.array(a) for a in g)
-            want = np.take_along_axis(inds, np.argsort(-scores, axis=-1), axis=-1)
-        else:
-            want = np.argsort(-np.array(g), axis=-1)
-        assert got.shape == (1, 3, 2)
-        assert np.array_equal(got, want[..., :2])
+        assert got.shape == (1, 3, 2, 2)  # batch, token, layer ahead, rank
+        for d, (_layer, gate, k) in enumerate(bank.ahead):
+            assert bank.guess_top == 2 < k
+            g = gate(x)
+            if isinstance(g, tuple):
+                inds, scores = (np.array(a) for a in g)
+                want = np.take_along_axis(inds, np.argsort(-scores, axis=-1), axis=-1)
+            else:
+                want = np.argsort(-np.array(g), axis=-1)
+            assert np.array_equal(got[:, :, d], want[..., :2])
 
 
 def test_prefetch_setting():
@@ -182,11 +186,24 @@ def test_prefetch_setting():
         resolve_prefetch("sometimes")
 
 
+@pytest.mark.parametrize("name,bad", [("PREFETCH_AHEAD", "0"), ("PREFETCH_DEPTH", "0"),
+                                      ("PREFETCH_TOP", "-1"), ("PREFETCH_AHEAD", "two")])
+def test_prefetch_counts_are_checked(name, bad, monkeypatch):
+    from flashmoe.configs import ConfigError, load_settings
+
+    monkeypatch.setenv(f"FLASHMOE_{name}", bad)
+    with pytest.raises(ConfigError, match=f"setting {name.lower()}"):
+        load_settings()
+
+
 def test_guesses_go_best_first():
     from flashmoe.orchestrator.streamed import _best_first
 
-    guess = np.array([[[5, 2, 9], [2, 7, 5]]])  # two tokens, each its best three
-    assert _best_first(guess).tolist() == [5, 2, 7, 9]
+    guess = np.array([[[[5, 2, 9]], [[2, 7, 5]]]])  # two tokens, each its best three
+    assert _best_first(guess, [3]) == [(3, 5), (3, 2), (3, 7), (3, 9)]
+    # two layers ahead: the nearest layer's guesses first
+    guess = np.array([[[[5, 2], [1, 5]], [[2, 7], [1, 4]]]])  # token, layer, rank
+    assert _best_first(guess, [3, 4]) == [(3, 5), (3, 2), (3, 7), (4, 1), (4, 5), (4, 4)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -220,12 +237,12 @@ def test_prefetch_guesses_fill_idle_disk_time(models, depth, monkeypatch):
         cache, t, st = eng.cache, eng.cache.table, eng.cache.stats
         l0, l1 = eng.store.moe_layers[:2]
         cache.release(cache.acquire(l0, [0, 1, 2]))
-        assert cache.prefetch(l0, [1, 2]) == 0  # cached: nothing to guess
+        assert cache.prefetch([(l0, 1), (l0, 2)]) == 0  # cached: nothing to guess
         # More misses than staging slots: some demanded loads wait to be sent, so do guesses.
         misses = [e for e in range(eng.store.num_experts) if t.lookup((l0, e)) is None]
         assert len(misses) > cache.plan.staging_slots
         p0 = cache.begin(l0, misses)
-        assert cache.prefetch(l1, [7, 5, 6]) == 3
+        assert cache.prefetch([(l1, e) for e in (7, 5, 6)]) == 3
         assert st.prefetched == 0 and t.lookup((l1, 7)) is None
         cache.finish(p0)  # all sent and landed: the guesses go out, best first
         cache.release(p0.slots)
@@ -247,7 +264,7 @@ def test_prefetch_guesses_fill_idle_disk_time(models, depth, monkeypatch):
         l2 = eng.store.moe_layers[2]
         a, b, c, d = [e for e in range(eng.store.num_experts) if t.lookup((l2, e)) is None][:4]
         before = st.prefetched
-        assert cache.prefetch(l2, [a, b, c, d]) == 4
+        assert cache.prefetch([(l2, e) for e in (a, b, c, d)]) == 4
         assert st.prefetched == before + depth
         guess = t.lookup((l2, a))
         cache.release(cache.acquire(l2, [d]))  # not a guess it asked for
@@ -266,6 +283,61 @@ def test_prefetch_guesses_fill_idle_disk_time(models, depth, monkeypatch):
         for s in filler + [fresh]:
             t.failed(s, t.generation(s), cancelled=True)
             t.release(s)
+
+
+def test_guesses_stay_pinned_until_their_layer(models, monkeypatch):
+    """A guess for a layer two ahead survives the layer in between (pinned, never evicted) and
+    is unpinned, as the first to evict, when its own layer begins without asking for it; a new
+    forward pass unpins whatever is left of the last one."""
+    monkeypatch.setenv("FLASHMOE_PREFETCH_DEPTH", "4")
+    path = models[("qwen3_moe", "mlx")]
+    with Engine(str(path), memory_budget=3 * quarter_budget(path), dtype="float32") as eng:
+        cache, t, st = eng.cache, eng.cache.table, eng.cache.stats
+        l0, l1, l2, l3 = eng.store.moe_layers[:4]
+
+        def settle():
+            deadline = time.monotonic() + 10
+            while t.stats()["loading"]:
+                assert time.monotonic() < deadline
+                cache.tend()
+
+        cache.release(cache.acquire(l0, [0]))
+        assert cache.prefetch([(l1, 1), (l2, 2), (l2, 3), (l3, 4)]) == 4
+        settle()
+        assert st.prefetched == 4
+        g1, g2, g3, g4 = (t.lookup(k) for k in [(l1, 1), (l2, 2), (l2, 3), (l3, 4)])
+        cache.release(cache.acquire(l1, [5]))  # l1's guess unused: unpinned; the rest stay
+        assert [t.pins(g) for g in (g1, g2, g3, g4)] == [0, 1, 1, 1]
+        cache.release(cache.acquire(l2, [2]))  # asks for one of its two guesses
+        assert st.prefetch_used == 1
+        assert [t.pins(g) for g in (g2, g3, g4)] == [0, 0, 1]
+        cache.release(cache.acquire(l0, [0]))  # a new pass: l3's guess is stale
+        assert t.pins(g4) == 0 and t.stats()["pinned"] == 0
+        filler = [t.acquire(("filler", i))[0] for i in range(t.stats()["free"])]
+        first = [t.acquire(("new", i))[0] for i in range(3)]  # the unused guesses go first
+        assert set(first) == {g1, g3, g4}
+        for s in filler + first:
+            t.failed(s, t.generation(s), cancelled=True)
+            t.release(s)
+
+
+def test_late_guesses_wait_for_the_demanded_loads(models, monkeypatch):
+    """Guesses for the next layer may be read beside the demanded loads; farther ones (late)
+    only once the disk has nothing demanded left to read."""
+    monkeypatch.setenv("FLASHMOE_PREFETCH_DEPTH", "4")
+    path = models[("qwen3_moe", "mlx")]
+    with Engine(str(path), memory_budget=3 * quarter_budget(path), dtype="float32") as eng:
+        cache, t = eng.cache, eng.cache.table
+        l0, l1, l2 = eng.store.moe_layers[:3]
+        p = cache.begin(l0, [0, 1])  # two demanded loads in flight
+        assert p.inflight
+        assert cache.prefetch([(l1, 2), (l2, 3), (l2, 4)], early=1) == 3
+        assert t.lookup((l1, 2)) is not None  # the early one goes at once
+        assert t.lookup((l2, 3)) is None and t.lookup((l2, 4)) is None  # the late ones wait
+        cache.finish(p)
+        cache.release(p.slots)
+        assert t.lookup((l2, 3)) is not None and t.lookup((l2, 4)) is not None
+        assert cache.stats.prefetched == 3
 
 
 def test_exhausted_pool_leaves_no_stuck_slot(models):

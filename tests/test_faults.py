@@ -283,7 +283,7 @@ def test_corrupt_guess_fails_the_layer_that_asks_for_it(packed_model: Path, tmp_
             byte = f.read(1)
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([byte[0] ^ 0xFF]))
-        assert cache.prefetch(layer, [expert]) == 1 and cache.stats.prefetched == 1
+        assert cache.prefetch([(layer, expert)]) == 1 and cache.stats.prefetched == 1
         for _ in range(2):
             p = cache.begin(layer, [expert])
             try:
