@@ -61,6 +61,7 @@ class Settings:
     prefetch_top: int = 4
     prefetch_depth: int = 2
     prefetch_ahead: int = 1
+    prefetch_threads: int = 0
     lanes: str = "auto"
     load_timeout_s: float = 30.0
     worker_start_timeout_s: float = 30.0
@@ -76,7 +77,7 @@ class Settings:
 
 
 # Settings that are counts with a floor: a value below it is a mistake, not a request.
-_AT_LEAST = {"prefetch_top": 0, "prefetch_depth": 1, "prefetch_ahead": 1}
+_AT_LEAST = {"prefetch_top": 0, "prefetch_depth": 1, "prefetch_ahead": 1, "prefetch_threads": 0}
 
 
 def load_settings(path: str | os.PathLike | None = None) -> Settings:

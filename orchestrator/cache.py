@@ -552,7 +552,7 @@ class ExpertCache:
         slot, gen, layer, e = p.todo.pop()
         stage = self._staging_free.pop()
         req = self.loader.submit(stage, self.store.extents(layer, e),
-                                 self.store.checksum(layer, e))
+                                 self.store.checksum(layer, e), urgent=not p.guess)
         p.inflight[req] = (stage, slot, gen, layer, e)
         self._owner[req] = p
         if p.guess:

@@ -174,6 +174,7 @@ class Engine:
         try:
             self.loader = LoaderPool(self.pool, workers=s.workers, threads=s.io_threads,
                                      io_mode=s.io_mode, chunk_bytes=parse_size(s.io_chunk),
+                                     guess_threads=s.prefetch_threads or None,
                                      start_timeout_s=s.worker_start_timeout_s,
                                      load_timeout_s=s.load_timeout_s)
             self.lanes = resolve_lanes(s.lanes, self.plan.cache_slots, self.store.num_experts)

@@ -61,6 +61,7 @@ class _Request:
     extents: list[list]
     checksum: int | None
     direct: bool
+    urgent: bool = True
     generation: int = 0
     worker: int | None = None  # index into LoaderPool._workers
     sent_at: float = 0.0
@@ -104,6 +105,7 @@ class LoaderPool:
         start_timeout_s: float = 30.0,
         load_timeout_s: float = 30.0,
         chunk_bytes: int | None = None,
+        guess_threads: int | None = None,
     ):
         if io_mode not in ("auto", "direct", "buffered"):
             raise ValueError(f"io_mode must be auto, direct or buffered, got {io_mode!r}")
@@ -116,6 +118,7 @@ class LoaderPool:
         self.start_timeout_s = start_timeout_s
         self.load_timeout_s = load_timeout_s
         self.chunk_bytes = chunk_bytes
+        self.guess_threads = guess_threads
         self.restarts = 0
         self.last_restart_s: float | None = None  # death noticed -> replacement said Hello
         self.endpoint = fresh_endpoint("loaders")
@@ -141,16 +144,19 @@ class LoaderPool:
     # -- public API ----------------------------------------------------------------------------
 
     def submit(
-        self, slot: int, extents: Any, checksum: int | None = None, direct: bool | None = None
+        self, slot: int, extents: Any, checksum: int | None = None, direct: bool | None = None,
+        urgent: bool = True,
     ) -> int:
         """Queue a load of ``extents`` into ``slot``; returns the request id.
 
         ``extents``: ``store.Extent``s or ``[path, offset, length, dest]`` lists. ``direct``
-        overrides the pool's io_mode for this request (None: keep it).
+        overrides the pool's io_mode for this request (None: keep it). ``urgent=False``: a
+        guess, read with the I/O threads that urgent loads leave free.
         """
         rid = next(self._reqs)
         d = self.direct if direct is None else bool(direct)
-        self._requests[rid] = _Request(rid, slot, _extent_list(extents), checksum, d)
+        self._requests[rid] = _Request(rid, slot, _extent_list(extents), checksum, d,
+                                       bool(urgent))
         self._dispatch(rid)
         return rid
 
@@ -225,6 +231,8 @@ class LoaderPool:
         ]  # fmt: skip
         if self.chunk_bytes is not None:
             cmd += ["--chunk-bytes", str(self.chunk_bytes)]
+        if self.guess_threads:
+            cmd += ["--guess-threads", str(self.guess_threads)]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
         w = _Worker(index, wid, proc, time.monotonic())
         self._by_identity[w.identity] = w
@@ -305,7 +313,7 @@ class LoaderPool:
         r.sent_at = time.monotonic()
         r.attempts += 1
         w.held.add(rid)
-        msg = LoadRequest(rid, r.generation, r.slot, r.extents, r.checksum, r.direct)
+        msg = LoadRequest(rid, r.generation, r.slot, r.extents, r.checksum, r.direct, r.urgent)
         if not self._send(w, encode(msg)):
             self._replace(w, "dropped its connection")  # re-dispatches rid with what it held
 

@@ -28,7 +28,7 @@ import msgpack
 
 from flashmoe.errors import FlashMoeError
 
-PROTOCOL_VERSION = 2  # 2: Generate.prompt_ids
+PROTOCOL_VERSION = 3  # 2: Generate.prompt_ids; 3: LoadRequest.urgent
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # the default of settings.max_message_bytes
 
 _U63 = (1 << 63) - 1
@@ -201,10 +201,13 @@ class Hello:
     extents=_list(_EXTENT, 4096),
     checksum=_optional(_int(0, (1 << 32) - 1)),
     direct=_bool,
+    urgent=_bool,
 )
 @dataclass(slots=True)
 class LoadRequest:
-    """Fill ``slot``: each extent is ``[path, file offset, length, offset in slot]``."""
+    """Fill ``slot``: each extent is ``[path, file offset, length, offset in slot]``.
+    ``urgent``: somebody waits for it; otherwise (a guess) it is read only with the I/O
+    threads that urgent loads leave free, a few at a time."""
 
     req: int
     generation: int
@@ -212,6 +215,7 @@ class LoadRequest:
     extents: list[list]
     checksum: int | None = None
     direct: bool = False
+    urgent: bool = True
     TAG: ClassVar[int]
 
 

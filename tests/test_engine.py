@@ -187,7 +187,8 @@ def test_prefetch_setting():
 
 
 @pytest.mark.parametrize("name,bad", [("PREFETCH_AHEAD", "0"), ("PREFETCH_DEPTH", "0"),
-                                      ("PREFETCH_TOP", "-1"), ("PREFETCH_AHEAD", "two")])
+                                      ("PREFETCH_TOP", "-1"), ("PREFETCH_AHEAD", "two"),
+                                      ("PREFETCH_THREADS", "-1")])
 def test_prefetch_counts_are_checked(name, bad, monkeypatch):
     from flashmoe.configs import ConfigError, load_settings
 

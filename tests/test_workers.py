@@ -72,8 +72,9 @@ def test_fills_slots_with_the_right_bytes(stores, loader, kind, direct):
     for batch in range(0, len(keys), pool.nslots):
         todo = keys[batch : batch + pool.nslots]
         pool.slot(0)  # slots hold the previous batch: a missing write would show
-        reqs = {
-            loader.submit(i, store.extents(*k), store.checksum(*k), direct): (i, k)
+        reqs = {  # every other one a guess: read in pieces by the threads left free
+            loader.submit(i, store.extents(*k), store.checksum(*k), direct,
+                          urgent=i % 2 == 0): (i, k)
             for i, k in enumerate(todo)
         }
         done = wait_all(loader, reqs)
@@ -84,6 +85,36 @@ def test_fills_slots_with_the_right_bytes(stores, loader, kind, direct):
             assert_record(pool, slot, store, layer, e)
     assert loader.inflight() == 0
     store.close()
+
+
+def test_urgent_pieces_go_first_and_guesses_take_few_threads():
+    import threading
+
+    from flashmoe.workers.loader import _Tasks
+
+    t = _Tasks(guess_threads=2)
+    for i in range(4):
+        t.put(f"g{i}", urgent=False)
+    t.put("u0", urgent=True)
+    t.put("u1", urgent=True)
+    assert [t.get() for _ in range(4)] == [("u0", True), ("u1", True), ("g0", False),
+                                           ("g1", False)]
+    got = []
+    th = threading.Thread(target=lambda: got.append(t.get()), daemon=True)
+    th.start()  # two guessed pieces are being read: a third waits...
+    th.join(0.2)
+    assert th.is_alive() and not got
+    t.put("u2", urgent=True)  # ...but an urgent one does not
+    th.join(5)
+    assert got == [("u2", True)]
+    t.guess_done()  # a guess thread is free again: the next guess goes
+    assert t.get() == ("g2", False)
+    t.stop(1)  # a stop waits for the guesses left
+    t.guess_done()
+    t.guess_done()
+    assert t.get() == ("g3", False)
+    t.guess_done()
+    assert t.get() == (None, True)
 
 
 def test_checksum_mismatch_names_the_file(stores, loader):

@@ -10,7 +10,10 @@ T I/O threads read with ``os.preadv`` (which releases the GIL) straight into the
 (``F_NOCACHE`` on macOS) where the request asks for it and offset, length and destination are
 4 KiB aligned, buffered otherwise. A request that arrives while several threads are idle is cut
 into pieces (at least ``--chunk-bytes``) that they share; one that arrives while they are busy
-is read in whole extents (fewer, larger reads). The thread that finishes a request's last piece
+is read in whole extents (fewer, larger reads). A request that is not ``urgent`` (a guess that
+nobody waits for yet) always goes in pieces, and only ``--guess-threads`` threads read such pieces
+at a time; an urgent piece is taken before any of them, so a guess holds the disk for one piece at
+most when a demanded load arrives. The thread that finishes a request's last piece
 sends the reply on its own DEALER (a zmq socket belongs to one thread; identity
 ``<worker id>:<thread>``), so a reply costs no hop back through the main thread. A checksummed
 record is checked in parallel: each thread takes the crc32 of the piece it just read, and the
@@ -26,12 +29,12 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import queue
 import signal
 import sys
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -110,6 +113,54 @@ def plan(extents: list[list], slot_bytes: int, direct: bool, chunk: int) -> list
     return pieces
 
 
+class _Tasks:
+    """The I/O threads' pieces to read: urgent ones first, in order; guessed ones only while
+    fewer than ``guess_threads`` threads read guessed pieces."""
+
+    def __init__(self, guess_threads: int):
+        self.guess_threads = max(1, guess_threads)
+        self.idle = 0  # threads waiting for a piece
+        self._cv = threading.Condition()
+        self._urgent: deque = deque()
+        self._guess: deque = deque()
+        self._guessing = 0  # threads reading a guessed piece
+        self._stops = 0
+
+    def put(self, item, urgent: bool) -> None:
+        with self._cv:
+            (self._urgent if urgent else self._guess).append(item)
+            self._cv.notify()
+
+    def stop(self, n: int) -> None:
+        """Stop ``n`` threads once no piece is left."""
+        with self._cv:
+            self._stops += n
+            self._cv.notify_all()
+
+    def get(self):
+        """The next piece as (item, urgent), or (None, True) to stop."""
+        with self._cv:
+            self.idle += 1
+            try:
+                while True:
+                    if self._urgent:
+                        return self._urgent.popleft(), True
+                    if self._guess and self._guessing < self.guess_threads:
+                        self._guessing += 1
+                        return self._guess.popleft(), False
+                    if self._stops and not self._guess:
+                        self._stops -= 1
+                        return None, True
+                    self._cv.wait()
+            finally:
+                self.idle -= 1
+
+    def guess_done(self) -> None:
+        with self._cv:
+            self._guessing -= 1
+            self._cv.notify()
+
+
 class Loader:
     """The I/O side: threads that fill slots and send the replies on their own sockets."""
 
@@ -120,14 +171,13 @@ class Loader:
         endpoint: str,
         worker_id: int,
         chunk: int = DEFAULT_CHUNK,
+        guess_threads: int | None = None,
     ):
         self.pool = pool
         self.chunk = chunk
         self.endpoint = endpoint
         self.worker_id = worker_id
-        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self._idle = 0  # I/O threads waiting for a task
-        self._idle_lock = threading.Lock()
+        self.tasks = _Tasks(guess_threads or max(1, threads // 4))
         self._local = threading.local()  # .send: this thread's socket
         self._fds: dict[tuple[str, bool], int] = {}
         self._fd_lock = threading.Lock()
@@ -144,7 +194,8 @@ class Loader:
         try:
             if not 0 <= req.slot < self.pool.nslots:
                 raise ValueError(f"slot {req.slot} out of range (pool has {self.pool.nslots})")
-            pieces = plan(req.extents, self.pool.slot_bytes, req.direct, self._chunk_for(req))
+            chunk = self._chunk_for(req) if req.urgent else max(self.chunk, 0)
+            pieces = plan(req.extents, self.pool.slot_bytes, req.direct, chunk)
         except ValueError as e:
             self._reply(_Job(req, t0, 0, 0), str(e))
             return
@@ -153,19 +204,18 @@ class Loader:
         if not pieces:
             self._finish(job)
         for p in pieces:
-            self.tasks.put((job, p))
+            self.tasks.put((job, p), req.urgent)
 
     def _chunk_for(self, req: LoadRequest) -> int:
         """Split only across threads that are idle now; a busy worker reads whole extents."""
-        idle = self._idle
+        idle = self.tasks.idle
         if self.chunk <= 0 or idle < 2:
             return 0
         total = sum(e[2] for e in req.extents)
         return max(self.chunk, _round_up(-(-total // idle), DIRECT_ALIGN))
 
     def close(self, timeout_s: float = 2.0) -> None:
-        for _ in self._threads:
-            self.tasks.put(None)
+        self.tasks.stop(len(self._threads))
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -185,33 +235,35 @@ class Loader:
 
     def _serve(self) -> None:
         while True:
-            with self._idle_lock:
-                self._idle += 1
-            item = self.tasks.get()
-            with self._idle_lock:
-                self._idle -= 1
+            item, urgent = self.tasks.get()
             if item is None:
                 return
-            job, p = item
-            err = crc = None
-            if job.error is None:  # a failed request skips its remaining pieces
-                try:
-                    self._read(job.req.slot, p)
-                    if job.req.checksum is not None and p.need:
-                        crc = zlib.crc32(self.pool.buffer(job.req.slot)[p.dest:p.dest + p.need])
-                except OSError as e:
-                    err = f"{p.path} at offset {p.offset}: {e.strerror or e}"
-                except EOFError as e:
-                    err = str(e)
-            with job.lock:
-                if err and job.error is None:
-                    job.error = err
-                if crc is not None:
-                    job.crcs.append((p.dest, p.need, crc))
-                job.remaining -= 1
-                last = job.remaining == 0
-            if last:
-                self._finish(job)
+            try:
+                self._piece(*item)
+            finally:
+                if not urgent:
+                    self.tasks.guess_done()
+
+    def _piece(self, job: _Job, p: _Piece) -> None:
+        err = crc = None
+        if job.error is None:  # a failed request skips its remaining pieces
+            try:
+                self._read(job.req.slot, p)
+                if job.req.checksum is not None and p.need:
+                    crc = zlib.crc32(self.pool.buffer(job.req.slot)[p.dest:p.dest + p.need])
+            except OSError as e:
+                err = f"{p.path} at offset {p.offset}: {e.strerror or e}"
+            except EOFError as e:
+                err = str(e)
+        with job.lock:
+            if err and job.error is None:
+                job.error = err
+            if crc is not None:
+                job.crcs.append((p.dest, p.need, crc))
+            job.remaining -= 1
+            last = job.remaining == 0
+        if last:
+            self._finish(job)
 
     def _fd(self, path: str, direct: bool) -> int:
         key = (path, direct)
@@ -294,7 +346,8 @@ class Loader:
 
 def serve(args: argparse.Namespace) -> int:
     pool = ExpertPool.attach(args.pool, args.slots, args.slot_bytes)
-    loader = Loader(pool, args.threads, args.endpoint, args.worker_id, args.chunk_bytes)
+    loader = Loader(pool, args.threads, args.endpoint, args.worker_id, args.chunk_bytes,
+                    args.guess_threads)
     sock = dealer(args.endpoint, identity=str(args.worker_id).encode())
     loader._local.send = sock.send_multipart  # replies for requests refused up front
     sock.send_multipart(encode(Hello(args.worker_id, os.getpid(), __version__)))
@@ -337,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--worker-id", type=int, required=True)
     ap.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK)
+    ap.add_argument("--guess-threads", type=int, default=None,
+                    help="threads that may read guessed (not urgent) loads at once "
+                         "(default: a quarter of --threads, at least 1)")
     ap.add_argument("--parent-pid", type=int, help="the coordinator (default: the parent)")
     args = ap.parse_args(argv)
     # Ctrl-C reaches the whole process group; the coordinator decides when workers stop.
