@@ -12,8 +12,8 @@ T I/O threads read with ``os.preadv`` (which releases the GIL) straight into the
 into pieces (at least ``--chunk-bytes``) that they share; one that arrives while they are busy
 is read in whole extents (fewer, larger reads). A request that is not ``urgent`` (a guess that
 nobody waits for yet) always goes in pieces, and only ``--guess-threads`` threads read such pieces
-at a time; an urgent piece is taken before any of them, so a guess holds the disk for one piece at
-most when a demanded load arrives. The thread that finishes a request's last piece
+at a time; an urgent piece is taken before any of them, so a demanded load finds at most that many
+guessed pieces being read ahead of it. The thread that finishes a request's last piece
 sends the reply on its own DEALER (a zmq socket belongs to one thread; identity
 ``<worker id>:<thread>``), so a reply costs no hop back through the main thread. A checksummed
 record is checked in parallel: each thread takes the crc32 of the piece it just read, and the
