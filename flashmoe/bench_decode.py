@@ -32,6 +32,18 @@ def _vocab(config: dict) -> int:
     return int(config.get("text_config", config)["vocab_size"])
 
 
+def busy_ms(path: str) -> int | None:
+    """Milliseconds the block device holding ``path`` has had I/O in flight since boot (Linux's
+    io_ticks, counting every process's I/O on it), or None where there is no such counter (a
+    tmpfs, an overlay, macOS)."""
+    try:
+        dev = os.stat(path).st_dev
+        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat") as f:
+            return int(f.read().split()[9])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def streamed_side(a: dict) -> dict:
     """Run the streamed model: one stream, then each concurrent-stream count."""
     from flashmoe.orchestrator.engine import Engine, GenRequest
@@ -47,6 +59,8 @@ def streamed_side(a: dict) -> dict:
         req = GenRequest(id="bench", prompt=prompt, max_tokens=a["tokens"])
         st = eng.cache.stats
         st.profile = a.get("profile", False)
+        layer0 = eng.store.moe_layers[0]
+        records = eng.store.extents(layer0, 0)[0].path  # where the expert records live
         after_first = None
         for chunk in eng.generate(req):
             if after_first is None:
@@ -54,9 +68,11 @@ def streamed_side(a: dict) -> dict:
                 st.trace = [] if a.get("trace_out") else None
                 parts0 = (st.route_s, st.io_wait_s - st.copy_s, st.copy_s, st.expert_s)
                 guesses0 = (st.prefetched, st.prefetch_used)
+                busy0 = busy_ms(records)
                 t_first = time.perf_counter()
             stats = chunk.stats or {}
         decode_s = time.perf_counter() - t_first
+        busy1 = busy_ms(records)
         if st.trace is not None:
             with open(a["trace_out"], "w") as f:
                 for layer, experts in st.trace:
@@ -77,6 +93,9 @@ def streamed_side(a: dict) -> dict:
             needed_bytes_per_token=max(0, decode_bytes - wasted) / decoded,
             guesses_per_token=sent / decoded,
             guesses_used_per_token=used / decoded,
+            # share of the decode time the disk had a read in flight (None: no counter)
+            disk_busy_fraction=(busy1 - busy0) / 1e3 / decode_s
+            if busy0 is not None and busy1 is not None else None,
             prefill_bytes=after_first[2],
             io_wait_s=stats["io_wait_s"],
             copy_s=stats["copy_s"],
@@ -293,6 +312,7 @@ def run_decode_bench(args) -> int:
         "needed_bytes_per_token": s["needed_bytes_per_token"],
         "guesses_per_token": s["guesses_per_token"],
         "guesses_used_per_token": s["guesses_used_per_token"],
+        "disk_busy_fraction": s["disk_busy_fraction"],
         "disk_gb_per_s": gbps,
         "disk_gb_per_s_before_after": disk,
         # the decode speed if the disk read only what tokens needed, never idle
@@ -326,6 +346,8 @@ def run_decode_bench(args) -> int:
     print(f"disk {gbps:.2f} GB/s ({disk[0]:.2f} before, {disk[1]:.2f} after) -> I/O floor "
           f"{floor:.2f} tok/s (needed bytes, disk never idle); streamed decode at "
           f"{result['decode_tokens_per_s'] / floor if floor else 0:.2f} of it")
+    if s["disk_busy_fraction"] is not None:
+        print(f"the disk had a read in flight {s['disk_busy_fraction']:.0%} of the decode time")
     print("aggregate decode tok/s by streams: " + ", ".join(
         f"{k}: {v:.3f}" for k, v in sorted(s["aggregate"].items(), key=lambda kv: int(kv[0]))))
     if args.baseline:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import subprocess
 import sys
+
+import pytest
 
 from flashmoe.synth import synth
 
@@ -30,6 +33,8 @@ def test_bench_decode_json(tmp_path):
     # guesses nobody used do not count as needed, and the I/O floor uses the needed bytes
     assert 0 < r["needed_bytes_per_token"] <= r["bytes_per_token"]
     assert 0 <= r["guesses_used_per_token"] <= r["guesses_per_token"]
+    busy = r["disk_busy_fraction"]  # None where the store's filesystem has no disk counter
+    assert busy is None or 0 <= busy <= 1.05  # io_ticks count whole milliseconds
     before, after = r["disk_gb_per_s_before_after"]
     assert before > 0 and after > 0 and r["disk_gb_per_s"] == (before + after) / 2
     assert abs(r["io_floor_tokens_per_s"] * r["needed_bytes_per_token"]
@@ -40,3 +45,23 @@ def test_bench_decode_json(tmp_path):
     assert set(r["streamed"]["profile"]) >= {"io_wait", "expert_compute", "dense_and_routing"}
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
     assert lines and all({"layer", "experts"} <= set(x) for x in lines)
+
+
+def test_busy_ms_counts_the_disk_of_a_path(tmp_path):
+    from flashmoe.bench_decode import busy_ms
+
+    assert busy_ms("/dev/shm") is None  # a tmpfs has no disk
+    assert busy_ms(str(tmp_path / "missing")) is None
+    f = tmp_path / "f.bin"
+    f.write_bytes(os.urandom(8 << 20))
+    before = busy_ms(str(f))
+    if before is None:
+        pytest.skip("the test folder is on no block device with a counter")
+    fd = os.open(f, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    try:
+        buf = mmap.mmap(-1, 8 << 20)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.preadv(fd, [buf], 0)
+    finally:
+        os.close(fd)
+    assert busy_ms(str(f)) >= before
