@@ -22,11 +22,13 @@ them (their copies included) before it evaluates anything. Prefetched guesses go
 (already computed) slots and are never waited for unless asked for.
 
 Prefetch fills the disk's idle time: once a layer's own loads have landed, the disk would idle
-while the host computes that layer and routes the next one. A bank's guesses for the next layer
-are candidates, best first: ``_pump`` sends them once every demanded load has been sent (so a
-loader starts them after those), at most ``prefetch_depth`` at a time, and sends the next as
-one lands. The lane's next ``begin`` drops the candidates not sent yet, so a wrong guess that
-was never sent costs nothing, not even an eviction.
+while the host computes that layer and routes the next one. A bank's guesses for the coming
+layers are candidates, best first: ``_pump`` sends them once every demanded load has been sent,
+at most ``prefetch_depth`` at a time, and sends the next as one lands; guesses beyond the next
+layer (late ones) go only while no demanded load is being read. Loaders read guesses as not
+urgent, behind any demanded piece. The lane's next ``begin`` drops the candidates not sent yet,
+so a wrong guess that was never sent costs nothing, not even an eviction; a sent one stays
+pinned until the lane begins the layer it was made for.
 
 Thread safety (``shared=True``): the slot table, the pending loads and the staging slots are
 guarded by one lock; the loader pool's socket is used by one thread at a time, the one that
@@ -452,16 +454,16 @@ class ExpertCache:
     def _unpin_guesses(self, lane: int, upto: int | None = None) -> None:
         """Drop a lane's pins on its sent guesses for layers up to ``upto`` (None: all), as the
         first to evict (lock held); loads in flight go on and land unpinned."""
-        sent = self._guesses.pop(lane, None) or []
-        keep = [g for g in sent if upto is not None and g[0] > upto]
-        if keep:
-            self._guesses[lane] = keep
-        for layer, p in sent:
+        keep = []
+        for layer, p in self._guesses.pop(lane, None) or []:
             if upto is not None and layer > upto:
+                keep.append((layer, p))
                 continue
             for s in p.slots:
                 self._guessed.pop(self.table.key_of(int(s)), None)  # asked for, or not, by now
                 self.table.release(int(s), cold=True)
+        if keep:
+            self._guesses[lane] = keep
 
     def release(self, slots: Iterable[int]) -> None:
         with self._lock:

@@ -278,8 +278,8 @@ def install_streamed_banks(model: nn.Module, cache: ExpertCache, quant: dict | N
     if prefetch:
         routers = [_router_of(parent) for _, parent in out]
         for i, (bank, _) in enumerate(out):
-            for (nxt, _), router in zip(out[i + 1:i + 1 + max(1, ahead)],
-                                        routers[i + 1:i + 1 + max(1, ahead)], strict=True):
+            coming = slice(i + 1, i + 1 + max(1, ahead))
+            for (nxt, _), router in zip(out[coming], routers[coming], strict=True):
                 if router is None:
                     break  # a layer it cannot guess: guess none beyond it either
                 bank.ahead.append((nxt.layer, *router))
