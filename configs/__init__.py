@@ -59,6 +59,7 @@ class Settings:
     slot_align: int = 16384
     prefetch: str = "auto"
     prefetch_top: int = 4
+    prefetch_late: int = 0
     prefetch_depth: int = 2
     prefetch_ahead: int = 1
     prefetch_threads: int = 0
@@ -77,7 +78,8 @@ class Settings:
 
 
 # Settings that are counts with a floor: a value below it is a mistake, not a request.
-_AT_LEAST = {"prefetch_top": 0, "prefetch_depth": 1, "prefetch_ahead": 1, "prefetch_threads": 0}
+_AT_LEAST = {"prefetch_top": 0, "prefetch_late": 0, "prefetch_depth": 1, "prefetch_ahead": 1,
+             "prefetch_threads": 0}
 
 
 def load_settings(path: str | os.PathLike | None = None) -> Settings:

@@ -189,7 +189,8 @@ class Engine:
                                                 self.store.moe_layers,
                                                 prefetch=resolve_prefetch(s.prefetch),
                                                 guess_top=s.prefetch_top,
-                                                ahead=s.prefetch_ahead)
+                                                ahead=s.prefetch_ahead,
+                                                late_top=s.prefetch_late)
             if s.dtype != "auto" or self.compute_dtype != _checkpoint_dtype(self.store.config):
                 # As a user of mlx-lm would: cast the whole model; "auto" on a GPU keeps the
                 # checkpoint's own dtypes, exactly as mlx_lm.load leaves them.

@@ -82,9 +82,12 @@ class StreamedBank:
         self.inner = bank
         self.num_experts = cache.store.num_experts
         # With prefetch: the coming MoE layers whose experts it guesses, nearest first, as
-        # (layer, its router, its k), and how many of each router's best it guesses per token.
+        # (layer, its router, its k), how many of each router's best it guesses per token, and
+        # how many of the next layer's are read beside demanded loads (the rest are late: read
+        # only while no demanded load is, to fill the disk's idle time).
         self.ahead: list[tuple[int, nn.Module, int]] = []
         self.guess_top = 0
+        self.early_top = 0
         self.defer = False  # may return before its loads land (set for all but the last bank)
         self.prefetch_limit = max(1, cache.plan.staging_slots // 2)  # guesses kept per call
 
@@ -134,10 +137,9 @@ class StreamedBank:
                 if EAGER:
                     mx.async_eval(out)
             if guess is not None:  # read after this layer's own loads
-                keys = _best_first(np.array(guess), [a[0] for a in self.ahead])
-                near = self.ahead[0][0]
-                self.cache.prefetch(keys, limit=self.prefetch_limit,
-                                    early=sum(1 for layer, _e in keys if layer == near))
+                keys, early = _best_first(np.array(guess), [a[0] for a in self.ahead],
+                                          self.early_top)
+                self.cache.prefetch(keys, limit=self.prefetch_limit, early=early)
             if st.profile:
                 t1 = time.perf_counter()
                 mx.eval(out)
@@ -211,17 +213,22 @@ class StreamedBank:
             self.cache.release(slots)
 
 
-def _best_first(guess: np.ndarray, layers: list[int]) -> list[tuple[int, int]]:
+def _best_first(guess: np.ndarray, layers: list[int],
+                early_ranks: int | None = None) -> tuple[list[tuple[int, int]], int]:
     """The distinct ``(layer, expert)``s of ``guess`` ([..., layer, rank], each token's guesses
     for ``layers``, best first), nearest layer first: every token's first choice for it, then
-    every token's second, ...; then the same for the next layer."""
+    every token's second, ...; then the same for the next layer. Also how many of them lead the
+    list as the nearest layer's guesses of rank below ``early_ranks`` (None: all ranks)."""
     g = guess.reshape(-1, len(layers), guess.shape[-1])  # token, layer, rank
+    tokens, ranks = g.shape[0], g.shape[2]
     experts = g.transpose(1, 2, 0).reshape(-1)  # layer, rank, token
     lay = np.broadcast_to(np.asarray(layers, dtype=np.int64)[:, None, None],
-                          (g.shape[1], g.shape[2], g.shape[0])).reshape(-1)
+                          (g.shape[1], ranks, tokens)).reshape(-1)
     _, first = np.unique(lay * (1 << 32) + experts.astype(np.int64), return_index=True)
     order = np.sort(first)
-    return list(zip(lay[order].tolist(), experts[order].tolist(), strict=True))
+    early = min(ranks, ranks if early_ranks is None else early_ranks) * tokens  # a prefix
+    keys = list(zip(lay[order].tolist(), experts[order].tolist(), strict=True))
+    return keys, int(np.searchsorted(order, early))
 
 
 def find_banks(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
@@ -253,11 +260,12 @@ def _router_of(block: nn.Module):
 
 def install_streamed_banks(model: nn.Module, cache: ExpertCache, quant: dict | None,
                            moe_layers: list[int], prefetch: bool = False,
-                           guess_top: int = 0, ahead: int = 1) -> list[StreamedBank]:
+                           guess_top: int = 0, ahead: int = 1,
+                           late_top: int = 0) -> list[StreamedBank]:
     """Replace every expert bank of ``model`` by a streamed one; their in-memory experts
     (still lazy, never read) are dropped. With ``prefetch`` each bank guesses the best
-    ``guess_top`` experts per token (0: as many as the router picks) of each of the next
-    ``ahead`` MoE layers, with their routers."""
+    ``guess_top`` experts per token (0: as many as the router picks), then ``late_top`` more as
+    late guesses, of each of the next ``ahead`` MoE layers, with their routers."""
     banks = find_banks(model)
     layers = sorted(layer for _, layer, _ in banks)
     if layers != sorted(moe_layers):
@@ -285,5 +293,6 @@ def install_streamed_banks(model: nn.Module, cache: ExpertCache, quant: dict | N
                 bank.ahead.append((nxt.layer, *router))
             if bank.ahead:
                 k = min(a[2] for a in bank.ahead)
-                bank.guess_top = min(k, guess_top) if guess_top > 0 else k
+                bank.early_top = min(k, guess_top) if guess_top > 0 else k
+                bank.guess_top = min(k, bank.early_top + max(0, late_top))
     return [b for b, _ in out]

@@ -155,6 +155,7 @@ def test_guesses_are_the_next_routers_first_choices(models, arch, monkeypatch):
     monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
     monkeypatch.setenv("FLASHMOE_PREFETCH_TOP", "2")
     monkeypatch.setenv("FLASHMOE_PREFETCH_AHEAD", "2")
+    monkeypatch.setenv("FLASHMOE_PREFETCH_LATE", "1")
     path = models[(arch, "mlx")]
     with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
         layers = [b.layer for b in eng.banks]
@@ -163,16 +164,17 @@ def test_guesses_are_the_next_routers_first_choices(models, arch, monkeypatch):
         bank = eng.banks[0]
         x = mx.random.normal((1, 3, eng.model.args.hidden_size), key=mx.random.key(0))
         got = np.array(bank._guess(x))
-        assert got.shape == (1, 3, 2, 2)  # batch, token, layer ahead, rank
+        assert got.shape == (1, 3, 2, 3)  # batch, token, layer ahead, rank (2 early + 1 late)
+        assert bank.early_top == 2
         for d, (_layer, gate, k) in enumerate(bank.ahead):
-            assert bank.guess_top == 2 < k
+            assert bank.guess_top == 3 < k
             g = gate(x)
             if isinstance(g, tuple):
                 inds, scores = (np.array(a) for a in g)
                 want = np.take_along_axis(inds, np.argsort(-scores, axis=-1), axis=-1)
             else:
                 want = np.argsort(-np.array(g), axis=-1)
-            assert np.array_equal(got[:, :, d], want[..., :2])
+            assert np.array_equal(got[:, :, d], want[..., :3])
 
 
 def test_prefetch_setting():
@@ -188,6 +190,7 @@ def test_prefetch_setting():
 
 @pytest.mark.parametrize("name,bad", [("PREFETCH_AHEAD", "0"), ("PREFETCH_DEPTH", "0"),
                                       ("PREFETCH_TOP", "-1"), ("PREFETCH_AHEAD", "two"),
+                                      ("PREFETCH_LATE", "-2"),
                                       ("PREFETCH_THREADS", "-1")])
 def test_prefetch_counts_are_checked(name, bad, monkeypatch):
     from flashmoe.configs import ConfigError, load_settings
@@ -197,14 +200,43 @@ def test_prefetch_counts_are_checked(name, bad, monkeypatch):
         load_settings()
 
 
+def test_late_guesses_reach_the_cache_as_late(models, monkeypatch):
+    """prefetch_late: a decode step guesses the next router's best prefetch_top experts as early
+    guesses and its next prefetch_late as late ones (sent only while no demanded load is read)."""
+    monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
+    monkeypatch.setenv("FLASHMOE_PREFETCH_TOP", "1")
+    monkeypatch.setenv("FLASHMOE_PREFETCH_LATE", "1")
+    path = models[("qwen3_moe", "mlx")]
+    with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
+        calls = []
+        real = eng.cache.prefetch
+
+        def spy(keys, limit=None, early=None):
+            calls.append((list(keys), early))
+            return real(keys, limit=limit, early=early)
+
+        monkeypatch.setattr(eng.cache, "prefetch", spy)
+        list(eng.generate(GenRequest(id="l", prompt=[1, 2, 3], max_tokens=3)))
+        per_pass = len(eng.banks) - 1  # every bank but the last guesses
+        one_token = calls[-2 * per_pass:]  # the last two decode steps
+        assert len(calls) >= 2 * per_pass
+        assert all(len(k) == 2 and e == 1 for k, e in one_token)  # one token's 2 guesses
+        assert all(k[0][0] == k[1][0] for k, _e in one_token)  # both for the next layer
+
+
 def test_guesses_go_best_first():
     from flashmoe.orchestrator.streamed import _best_first
 
     guess = np.array([[[[5, 2, 9]], [[2, 7, 5]]]])  # two tokens, each its best three
-    assert _best_first(guess, [3]) == [(3, 5), (3, 2), (3, 7), (3, 9)]
-    # two layers ahead: the nearest layer's guesses first
+    assert _best_first(guess, [3]) == ([(3, 5), (3, 2), (3, 7), (3, 9)], 4)
+    # the first choices are early; 7 and 9 only come second and third: late
+    assert _best_first(guess, [3], 1) == ([(3, 5), (3, 2), (3, 7), (3, 9)], 2)
+    assert _best_first(guess, [3], 2) == ([(3, 5), (3, 2), (3, 7), (3, 9)], 3)
+    # two layers ahead: the nearest layer's guesses first, the farther ones all late
     guess = np.array([[[[5, 2], [1, 5]], [[2, 7], [1, 4]]]])  # token, layer, rank
-    assert _best_first(guess, [3, 4]) == [(3, 5), (3, 2), (3, 7), (4, 1), (4, 5), (4, 4)]
+    want = [(3, 5), (3, 2), (3, 7), (4, 1), (4, 5), (4, 4)]
+    assert _best_first(guess, [3, 4]) == (want, 3)
+    assert _best_first(guess, [3, 4], 1) == (want, 2)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
