@@ -75,12 +75,17 @@ def measure(
     cold: bool = False,
     chunk_bytes: int | None = None,
     verify: bool = True,
+    records: int | None = None,
+    pieces: bool = False,
 ) -> dict:
     """One point: GB/s and latency for ``workers`` x ``threads`` over ``seconds``.
 
     ``verify=False`` skips the crc32 of packed records: the bare I/O path, as fio measures it.
+    ``records``: loads kept in flight (None: ``QUEUE_PER_THREAD`` per thread). ``pieces``: every
+    record is cut into ``chunk_bytes`` pieces (as guesses are), where a busy worker would read
+    whole extents: some disks are faster with more, smaller requests in flight.
     """
-    depth = QUEUE_PER_THREAD * workers * threads
+    depth = records or QUEUE_PER_THREAD * workers * threads
     dropped = drop_page_cache() if cold else False
     with ExpertPool.create(depth, store.layout.nbytes) as pool:
         lp = LoaderPool(
@@ -89,6 +94,7 @@ def measure(
             threads=threads,
             io_mode="direct" if direct else "buffered",
             chunk_bytes=chunk_bytes,
+            guess_threads=threads if pieces else None,
         )
         try:
             sent: dict[int, float] = {}
@@ -99,7 +105,7 @@ def measure(
             def submit(slot: int) -> None:
                 layer, e = next(keys)
                 crc = store.checksum(layer, e) if verify else None
-                rid = lp.submit(slot, store.extents(layer, e), crc)
+                rid = lp.submit(slot, store.extents(layer, e), crc, urgent=not pieces)
                 sent[rid] = time.perf_counter()
 
             t0 = time.perf_counter()
@@ -135,6 +141,7 @@ def measure(
         seconds=elapsed,
         record_bytes=store.layout.nbytes,
         queue_depth=depth,
+        pieces=pieces,
         cache_dropped=dropped,
     )
 
