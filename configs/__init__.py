@@ -77,6 +77,10 @@ class Settings:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
+# How a switch is written in a TOML file or the environment.
+ON_WORDS = ("1", "true", "yes", "on")
+OFF_WORDS = ("0", "false", "no", "off")
+
 # Settings that are counts with a floor: a value below it is a mistake, not a request.
 _AT_LEAST = {"prefetch_top": 0, "prefetch_late": 0, "prefetch_depth": 1, "prefetch_ahead": 1,
              "prefetch_threads": 0}
@@ -98,7 +102,7 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
             try:
                 value = data[f.name]
                 if isinstance(default, bool) and isinstance(value, str):
-                    value = value.lower() in ("1", "true", "yes", "on")
+                    value = value.lower() in ON_WORDS
                 out[f.name] = type(default)(value)
             except ValueError as e:
                 raise ConfigError(f"setting {f.name}: {e}") from None

@@ -24,11 +24,12 @@ them (their copies included) before it evaluates anything. Prefetched guesses go
 Prefetch fills the disk's idle time: once a layer's own loads have landed, the disk would idle
 while the host computes that layer and routes the next one. A bank's guesses for the coming
 layers are candidates, best first: ``_pump`` sends them once every demanded load has been sent,
-at most ``prefetch_depth`` at a time, and sends the next as one lands; guesses beyond the next
-layer (late ones) go only while no demanded load is being read. Loaders read guesses as not
-urgent, behind any demanded piece. The lane's next ``begin`` drops the candidates not sent yet,
-so a wrong guess that was never sent costs nothing, not even an eviction; a sent one stays
-pinned until the lane begins the layer it was made for.
+at most ``prefetch_depth`` at a time, and sends the next as one lands; late guesses (the next
+layer's beyond its router's best few, and those for layers further on) go only while no demanded
+load is being read. Loaders read guesses as not urgent, behind any demanded piece. The lane's
+next ``begin`` drops the candidates not sent yet, so a wrong guess that was never sent costs
+nothing, not even an eviction; a sent one stays pinned until the lane begins the layer it was
+made for.
 
 Thread safety (``shared=True``): the slot table, the pending loads and the staging slots are
 guarded by one lock; the loader pool's socket is used by one thread at a time, the one that

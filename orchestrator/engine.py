@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from flashmoe.configs import ConfigError, Settings, load_settings, parse_size
+from flashmoe.configs import OFF_WORDS, ON_WORDS, ConfigError, Settings, load_settings, parse_size
 from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.orchestrator.cache import ExpertCache, plan_pool
 from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, make_copier, on_cuda
@@ -123,9 +123,9 @@ def resolve_prefetch(setting) -> bool:
     v = str(setting).strip().lower()
     if v == "auto":
         return mx.default_device() != mx.cpu
-    if v in ("1", "true", "yes", "on"):
+    if v in ON_WORDS:
         return True
-    if v in ("0", "false", "no", "off"):
+    if v in OFF_WORDS:
         return False
     raise ConfigError(f"setting prefetch: expected auto, on or off, got {setting!r}")
 

@@ -226,7 +226,7 @@ def _best_first(guess: np.ndarray, layers: list[int],
                           (g.shape[1], ranks, tokens)).reshape(-1)
     _, first = np.unique(lay * (1 << 32) + experts.astype(np.int64), return_index=True)
     order = np.sort(first)
-    early = min(ranks, ranks if early_ranks is None else early_ranks) * tokens  # a prefix
+    early = (ranks if early_ranks is None else min(ranks, early_ranks)) * tokens  # a prefix
     keys = list(zip(lay[order].tolist(), experts[order].tolist(), strict=True))
     return keys, int(np.searchsorted(order, early))
 
