@@ -62,6 +62,7 @@ class _Request:
     checksum: int | None
     direct: bool
     urgent: bool = True
+    nbytes: int = 0  # the record's end in the slot, as a worker reports it
     generation: int = 0
     worker: int | None = None  # index into LoaderPool._workers
     sent_at: float = 0.0
@@ -133,6 +134,15 @@ class LoaderPool:
         self._replacing: dict[int, float] = {}  # worker index -> when its death was noticed
         self._last_supervise = time.monotonic()
         self._workers: list[_Worker] = []
+        # ``wake`` (any thread) ends a ``poll(wakeable=True)`` early: a pipe polled beside the
+        # socket, so that the one thread driving the socket hands it over at once.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._bells = pool.doorbells()  # see ``poll(spin_s=)``
         try:
             for i in range(workers):
                 self._workers.append(self._spawn(i))
@@ -155,14 +165,23 @@ class LoaderPool:
         """
         rid = next(self._reqs)
         d = self.direct if direct is None else bool(direct)
-        self._requests[rid] = _Request(rid, slot, _extent_list(extents), checksum, d,
-                                       bool(urgent))
+        ext = _extent_list(extents)
+        self._requests[rid] = _Request(rid, slot, ext, checksum, d, bool(urgent),
+                                       max((e[3] + e[2] for e in ext), default=0))
+        if self._bells is not None and slot < len(self._bells):
+            self._bells[slot] = 0  # an earlier load's id there must not pass for this one's
         self._dispatch(rid)
         return rid
 
-    def poll(self, timeout_s: float = 0.0) -> list[Completion]:
-        """Completions so far, waiting up to ``timeout_s`` for the first one."""
+    def poll(self, timeout_s: float = 0.0, wakeable: bool = False,
+             spin_s: float = 0.0) -> list[Completion]:
+        """Completions so far, waiting up to ``timeout_s`` for the first one; ``wakeable``:
+        or until another thread calls ``wake``. ``spin_s``: first watch the doorbells of the
+        loads in flight for up to that long, holding the CPU (and the GIL): a load is then
+        seen done the moment its worker rings, without waiting for its reply to wake us."""
         deadline = time.monotonic() + timeout_s
+        if spin_s > 0 and self._requests and self._bells is not None:
+            self._spin(min(spin_s, timeout_s))
         while True:
             self._drain()
             now = time.monotonic()
@@ -170,11 +189,56 @@ class LoaderPool:
                 self._supervise()
             if self._done or now >= deadline:
                 break
-            wait = min(deadline - now, SUPERVISE_EVERY_S)
-            if not self._sock.poll(max(1, int(wait * 1000)), zmq.POLLIN):
+            wait = max(1, int(min(deadline - now, SUPERVISE_EVERY_S) * 1000))
+            if wakeable:
+                ready = dict(self._poller.poll(wait))
+                if self._wake_r in ready:
+                    self._unwake()
+                    self._drain()
+                    break
+            else:
+                ready = self._sock.poll(wait, zmq.POLLIN)
+            if not ready:
                 self._supervise()
         out, self._done = self._done, []
         return out
+
+    def _spin(self, limit_s: float) -> None:
+        """Watch the doorbells until one rings, a message arrives or ``limit_s`` passes."""
+        end = time.perf_counter() + limit_s
+        bells = self._bells
+        n = len(bells)
+        turn = 0
+        while not self._done:
+            for r in list(self._requests.values()):
+                if r.slot < n and bells[r.slot] == r.req and r.worker is not None:
+                    self._rang(r)
+            turn += 1
+            if turn % 16 == 0 and (self._sock.poll(0, zmq.POLLIN)
+                                   or time.perf_counter() >= end):
+                return
+
+    def _rang(self, r: _Request) -> None:
+        """``r``'s worker rang its doorbell: the record is in and checked. Its reply, when it
+        comes, finds no request and is dropped."""
+        del self._requests[r.req]
+        if r.worker is not None:
+            self._workers[r.worker].held.discard(r.req)
+        self._done.append(Completion(r.req, r.slot, True, r.nbytes))
+
+    def wake(self) -> None:
+        """End the current (or the next) ``poll(wakeable=True)``; safe from any thread."""
+        try:
+            os.write(self._wake_w, b"w")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake is pending anyway) or already closed
+
+    def _unwake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def inflight(self) -> int:
         """Requests submitted and not yet completed."""
@@ -203,6 +267,15 @@ class LoaderPool:
                 w.proc.kill()
                 w.proc.wait(REAP_TIMEOUT_S)
         self._workers = []
+        if self._bells is not None:
+            self._bells.release()  # lets the pool unmap
+            self._bells = None
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
         if not self._sock.closed:
             self._sock.close(0)
             p = endpoint_path(self.endpoint)
@@ -273,6 +346,10 @@ class LoaderPool:
               file=sys.stderr)  # fmt: skip
         for rid in held:
             r = self._requests[rid]
+            if reaped and self._bells is not None and r.slot < len(self._bells) \
+                    and self._bells[r.slot] == rid:
+                self._rang(r)  # it finished this one before it died: nothing to read again
+                continue
             r.worker = None
             if not reaped:
                 self._fail(r, f"loader worker {w.wid} {why} and could not be reaped")

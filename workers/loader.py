@@ -182,6 +182,7 @@ class Loader:
         self._fds: dict[tuple[str, bool], int] = {}
         self._fd_lock = threading.Lock()
         self._no_direct: set[str] = set()  # filesystems that refuse O_DIRECT (tmpfs)
+        self._bells = pool.doorbells()
         self._threads = [
             threading.Thread(target=self._run, args=(i, self._serve), name=f"io{i}", daemon=True)
             for i in range(threads)
@@ -222,6 +223,7 @@ class Loader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._bells.release()  # lets the pool unmap
 
     # -- I/O threads ---------------------------------------------------------------------------
 
@@ -332,7 +334,20 @@ class Loader:
                     f"checksum mismatch: record of {job.record_end} bytes from {', '.join(files)} "
                     f"has crc32 {crc:08x}, the store says {req.checksum:08x}"
                 )
+        if err is None:
+            self._ring(job)
         self._reply(job, err)
+
+    def _ring(self, job: _Job) -> None:
+        """Write the request id into its slot's doorbell, before the reply: a waiting
+        coordinator sees it at once. Under the job's lock, whose acquire orders the store after
+        every piece's bytes (the threads that read them released it)."""
+        try:
+            with job.lock:
+                if job.req.slot < len(self._bells):
+                    self._bells[job.req.slot] = job.req.req
+        except ValueError:
+            pass  # closing: the reply still goes
 
     def _reply(self, job: _Job, err: str | None) -> None:
         req = job.req
