@@ -63,6 +63,8 @@ class Settings:
     prefetch_depth: int = 2
     prefetch_ahead: int = 1
     prefetch_threads: int = 0
+    io_thread: str = "auto"
+    io_spin_us: int = 0
     lanes: str = "auto"
     load_timeout_s: float = 30.0
     worker_start_timeout_s: float = 30.0
@@ -83,7 +85,7 @@ OFF_WORDS = ("0", "false", "no", "off")
 
 # Settings that are counts with a floor: a value below it is a mistake, not a request.
 _AT_LEAST = {"prefetch_top": 0, "prefetch_late": 0, "prefetch_depth": 1, "prefetch_ahead": 1,
-             "prefetch_threads": 0}
+             "prefetch_threads": 0, "io_spin_us": 0}
 
 
 def load_settings(path: str | os.PathLike | None = None) -> Settings:

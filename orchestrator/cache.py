@@ -39,6 +39,7 @@ of them and wakes the others (followers), who wait on a condition.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterable
@@ -186,7 +187,7 @@ class ExpertCache:
 
     def __init__(self, layout: RecordLayout, plan: PoolPlan, compute: mx.Dtype, loader, pool,
                  store, load_timeout_s: float = 60.0, copier=None, shared: bool = False,
-                 prefetch_depth: int = 2):
+                 prefetch_depth: int = 2, io_thread: bool = False, spin_s: float = 0.0):
         self.layout = layout
         self.plan = plan
         self.compute = compute
@@ -219,7 +220,8 @@ class ExpertCache:
         self._staging_views = [pool.tensor_views(i, layout) for i in range(plan.staging_slots)]
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
-        self._io = threading.Lock()  # held by the one thread that talks to the loader pool
+        self._io = threading.RLock()  # held by the one thread that talks to the loader pool
+        self.spin_s = max(0.0, float(spin_s))  # a waiting leader watches doorbells this long
         self._why: dict[tuple[int, int], str] = {}  # (layer, expert) -> why its last load failed
         self._local = threading.local()  # per lane: its deferred pins and loads
         self._guessed: dict[tuple[int, int], None] = {}  # prefetched, not asked for yet
@@ -232,6 +234,15 @@ class ExpertCache:
         self._at: dict[int, int] = {}
         self._guessing = 0  # guessed loads in flight
         self._demanding = 0  # demanded loads in flight
+        # With ``io_thread``: a thread drives the loader whenever no lane does (``_drive``).
+        self._want = 0  # lanes waiting to take the loader from the I/O thread
+        self._stopping = False
+        self._io_error: BaseException | None = None
+        self._io_thread: threading.Thread | None = None
+        if io_thread:
+            self._io_thread = threading.Thread(target=self._drive, name="flashmoe-io",
+                                               daemon=True)
+            self._io_thread.start()
 
     @property
     def nslots(self) -> int:
@@ -313,8 +324,8 @@ class ExpertCache:
             self.stats.io_wait_s += time.perf_counter() - t0
         if p.error is not None:
             raise LoadError(p.error)
-        if self._cands:  # guesses held back while this layer's loads waited for staging
-            self._kick()
+        if self._cands and self._io_thread is None:  # guesses held back while this layer's
+            self._kick()  # loads waited for staging (the I/O thread sends them by itself)
 
     def progress(self, p: Pending) -> list[int]:
         """Wait until one more of ``p``'s own loads has landed (or none is left to wait for);
@@ -335,6 +346,13 @@ class ExpertCache:
         """Drive or follow the loader until ``p`` is settled or ``enough()`` (call without
         the lock: followers wait on it)."""
         deadline = time.perf_counter() + self.load_timeout_s
+        with self._lock:
+            if self._settled(p) or enough():
+                return
+        with self._taken():  # from the I/O thread, if any: a waiting lane leads
+            self._wait_leading(p, enough, deadline)
+
+    def _wait_leading(self, p: Pending, enough, deadline: float) -> None:
         while True:
             with self._lock:
                 if self._settled(p) or enough():
@@ -347,7 +365,7 @@ class ExpertCache:
                             return
                     left = max(0.0, deadline - time.perf_counter())
                     done = self.loader.poll(min(left, self.POLL_SLICE_S) if self.shared
-                                            else left)
+                                            else left, spin_s=self.spin_s)
                     for c in done:
                         self._complete(c)
                 finally:
@@ -401,7 +419,13 @@ class ExpertCache:
         return n
 
     def _kick(self) -> None:
-        """Send what waits to be sent, unless another thread drives the loader."""
+        """Send what waits to be sent, unless another thread drives the loader. With the I/O
+        thread, take the loader from it for the time of the sends: it would get the GIL only
+        once this thread lets go of it (up to the interpreter's switch interval)."""
+        if self._io_thread is not None:
+            with self._taken(), self._lock:
+                self._pump()
+            return
         if self._io.acquire(blocking=False):
             try:
                 with self._lock:
@@ -528,6 +552,8 @@ class ExpertCache:
     def tend(self) -> None:
         """While the engine idles: let the loader pool supervise its workers (a dead one is
         replaced now, not at the next load) and collect anything that arrived."""
+        if self._io_thread is not None:
+            return  # it does so all the time
         if self._io.acquire(blocking=False):
             try:
                 done = self.loader.poll(0.0)
@@ -535,6 +561,63 @@ class ExpertCache:
                     self._complete(c)
             finally:
                 self._io.release()
+
+    IO_POLL_S = 0.05  # the I/O thread's longest poll (it is woken for anything sooner)
+
+    @contextlib.contextmanager
+    def _taken(self):
+        """Hold the loader, taken from the I/O thread (a no-op without one)."""
+        if self._io_thread is None:
+            yield
+            return
+        with self._lock:
+            if self._io_error is not None:
+                raise LoadError(f"the loader thread stopped: {self._io_error}")
+            self._want += 1
+        try:
+            self.loader.wake()  # out of its poll, so that it lets go of ``_io``
+            with self._io:
+                yield
+        finally:
+            with self._cv:
+                self._want -= 1
+                self._cv.notify_all()
+
+    def _drive(self) -> None:
+        """The I/O thread: send what waits, collect completions and wake the lanes, while no
+        lane holds the loader. It runs while the lanes wait on the GPU (MLX lets go of the GIL
+        there), so guesses keep going out and landed loads are copied in that time too."""
+        try:
+            while True:
+                with self._cv:
+                    while self._want and not self._stopping:
+                        self._cv.wait(self.IO_POLL_S)
+                    if self._stopping:
+                        return
+                with self._io:
+                    with self._lock:
+                        self._pump()
+                    done = self.loader.poll(self.IO_POLL_S, wakeable=True)
+                    for c in done:
+                        self._complete(c)
+                if done:
+                    with self._cv:
+                        self._cv.notify_all()
+        except BaseException as e:  # noqa: BLE001 - handed to the lanes, which raise it
+            with self._cv:
+                self._io_error = e
+                self._cv.notify_all()
+
+    def close(self) -> None:
+        """Stop the I/O thread (before the loader pool closes)."""
+        t = self._io_thread
+        if t is None:
+            return
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self.loader.wake()
+        t.join(timeout=10)
 
     def _pump(self) -> None:
         """Submit queued loads while staging slots are free, then guesses if nothing demanded

@@ -117,17 +117,22 @@ def resolve_lanes(setting: str, cache_slots: int, num_experts: int) -> int:
     return n
 
 
-def resolve_prefetch(setting) -> bool:
-    """Prefetch: ``auto`` = on a GPU, where decode waits on the disk and the host would leave it
-    idle while it routes (on the CPU backend compute dominates and guesses gained nothing)."""
+def resolve_switch(setting, name: str, auto: bool) -> bool:
+    """An on/off setting that may also be ``auto`` (then ``auto``)."""
     v = str(setting).strip().lower()
     if v == "auto":
-        return mx.default_device() != mx.cpu
+        return auto
     if v in ON_WORDS:
         return True
     if v in OFF_WORDS:
         return False
-    raise ConfigError(f"setting prefetch: expected auto, on or off, got {setting!r}")
+    raise ConfigError(f"setting {name}: expected auto, on or off, got {setting!r}")
+
+
+def resolve_prefetch(setting) -> bool:
+    """Prefetch: ``auto`` = on a GPU, where decode waits on the disk and the host would leave it
+    idle while it routes (on the CPU backend compute dominates and guesses gained nothing)."""
+    return resolve_switch(setting, "prefetch", mx.default_device() != mx.cpu)
 
 
 def default_budget(settings: Settings, dense_bytes: int) -> int:
@@ -178,16 +183,20 @@ class Engine:
                                      start_timeout_s=s.worker_start_timeout_s,
                                      load_timeout_s=s.load_timeout_s)
             self.lanes = resolve_lanes(s.lanes, self.plan.cache_slots, self.store.num_experts)
+            prefetch = resolve_prefetch(s.prefetch)
+            io_thread = resolve_switch(s.io_thread, "io_thread", prefetch)
             self.cache = ExpertCache(self.store.layout, self.plan, self.compute_dtype,
                                      self.loader, self.pool, self.store,
                                      load_timeout_s=4 * s.load_timeout_s,
-                                     shared=self.lanes > 1, prefetch_depth=s.prefetch_depth)
+                                     shared=self.lanes > 1, prefetch_depth=s.prefetch_depth,
+                                     io_thread=io_thread and self.lanes == 1,
+                                     spin_s=s.io_spin_us / 1e6)
             self.cache.copier = make_copier(self.cache, self.pool)  # None unless on CUDA
             override = _config_override(self.store.config, experts_per_token)
             self.model, self.config = load_dense(self.store.dense_dir, override)
             self.banks = install_streamed_banks(self.model, self.cache, self.store.quantization,
                                                 self.store.moe_layers,
-                                                prefetch=resolve_prefetch(s.prefetch),
+                                                prefetch=prefetch,
                                                 guess_top=s.prefetch_top,
                                                 ahead=s.prefetch_ahead,
                                                 late_top=s.prefetch_late)
@@ -385,6 +394,9 @@ class Engine:
         self._shutdown_io()
 
     def _shutdown_io(self) -> None:
+        cache = getattr(self, "cache", None)
+        if cache is not None:
+            cache.close()  # its I/O thread, before the loader it drives
         loader = getattr(self, "loader", None)
         if loader is not None:
             loader.close()

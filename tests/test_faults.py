@@ -73,11 +73,17 @@ def only_in_first(model: Path) -> tuple[int, int]:
 # -- 1. killed loader workers ---------------------------------------------------------------------
 
 
-def test_killed_workers_lose_nothing(tiny_model: Path) -> None:
+@pytest.mark.parametrize("io_thread", [False, True], ids=["lane-drives", "io-thread"])
+def test_killed_workers_lose_nothing(tiny_model: Path, io_thread: bool, monkeypatch) -> None:
     """A loader worker SIGKILLed on every token of a whole generation: same token ids, every
-    lost load re-sent, each worker replaced by the supervisor."""
+    lost load re-sent, each worker replaced by the supervisor; also with the I/O thread driving
+    the loaders and the lane spinning on the doorbells."""
     from flashmoe.orchestrator.engine import Engine, GenRequest
 
+    if io_thread:
+        monkeypatch.setenv("FLASHMOE_IO_THREAD", "on")
+        monkeypatch.setenv("FLASHMOE_IO_SPIN_US", "2000")
+        monkeypatch.setenv("FLASHMOE_PREFETCH", "on")
     n = 40
     with Engine(str(tiny_model), memory_budget=SMALL_BUDGET, workers=2) as e:
         want = generate_ids(e, PROMPTS[0], n)
@@ -90,7 +96,9 @@ def test_killed_workers_lose_nothing(tiny_model: Path) -> None:
                 k.poke()
         assert got == want
         assert generate_ids(e, PROMPTS[0], n) == want  # and the pool is whole afterwards
-        wait_for(lambda: e.loader.poll(0.1) == [] and e.loader.restarts >= k.kills, 10,
+        # the I/O thread polls the loaders by itself (no other thread may touch them)
+        wait_for(lambda: (io_thread or e.loader.poll(0.1) == [])
+                 and e.loader.restarts >= k.kills, 10,
                  "every killed worker to be replaced")  # fmt: skip
         assert k.kills >= n // 4 and e.loader.restarts == k.kills
         tracked = {w["pid"] for w in e.loader.workers_info() if w["state"] == "ready"}
