@@ -9,6 +9,7 @@ per-record latency (submit -> completion as the coordinator sees it, queueing in
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from flashmoe.errors import FlashMoeError
 from flashmoe.orchestrator.loaders import LoaderPool
 from flashmoe.shm.pool import ExpertPool, cleanup_stale
 from flashmoe.store import open_store
+from flashmoe.workers.loader import DEFAULT_CHUNK
 
 QUEUE_PER_THREAD = 2
 SWEEP = [(1, 1), (1, 2), (2, 1), (1, 4), (2, 2), (1, 8), (2, 4), (1, 16), (2, 8), (4, 4)]
@@ -146,6 +148,105 @@ def measure(
     )
 
 
+def one_at_a_time(
+    store: Any,
+    workers: int,
+    threads: int,
+    direct: bool,
+    keys: Iterator[tuple[int, int]],
+    records: int = 60,
+    cold: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK,
+) -> dict:
+    """Latency of one record with nothing else in flight (what a decode layer waiting for its
+    one missed expert sees): through the loader (submit -> completion, checksum checked), and
+    read by bare threads of this process in the same pieces, each piece's crc32 taken as the
+    loader does (the record is checked against the store after the clock stops). Records
+    alternate between the two, so both meet the same disk."""
+    import mmap
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flashmoe.store import RECORD_ALIGN
+    from flashmoe.workers.crc import crc_of_pieces
+    from flashmoe.workers.loader import DIRECT_ALIGN, plan
+
+    dropped = drop_page_cache() if cold else False
+    size = -(-store.layout.nbytes // RECORD_ALIGN) * RECORD_ALIGN
+    buf = mmap.mmap(-1, size)  # page-aligned, as a pool slot is
+    view = memoryview(buf)
+    fds: dict[tuple[str, bool], int] = {}
+    pool_threads = ThreadPoolExecutor(threads)
+
+    def fd(path: str, d: bool) -> int:
+        if (path, d) not in fds:
+            try:
+                fds[(path, d)] = os.open(path, os.O_RDONLY | (os.O_DIRECT if d else 0))
+            except OSError as e:  # a filesystem without O_DIRECT (tmpfs): read it buffered
+                if not d or e.errno != errno.EINVAL:
+                    raise
+                fds[(path, d)] = os.open(path, os.O_RDONLY)
+        return fds[(path, d)]
+
+    def read(p) -> int:
+        got = 0
+        while got < p.need:
+            n = os.preadv(fd(p.path, p.direct), [view[p.dest + got:p.dest + p.length]],
+                          p.offset + got)
+            if n <= 0:
+                break
+            got += n
+        return zlib.crc32(view[p.dest:p.dest + p.need])
+
+    loader_s: list[float] = []
+    bare_s: list[float] = []
+    try:
+        with ExpertPool.create(1, store.layout.nbytes) as pool:
+            lp = LoaderPool(pool, workers=workers, threads=threads,
+                            io_mode="direct" if direct else "buffered", chunk_bytes=chunk_bytes)
+            try:
+                for _ in range(records):
+                    layer, e = next(keys)
+                    t0 = time.perf_counter()
+                    lp.submit(0, store.extents(layer, e), store.checksum(layer, e))
+                    done: list = []
+                    while not done:
+                        done = lp.poll(10.0)
+                    loader_s.append(time.perf_counter() - t0)
+                    if not done[0].ok:
+                        raise FlashMoeError(f"load failed: {done[0].error}")
+                    layer, e = next(keys)
+                    ext = [[x.path, x.offset, x.length, x.dest] for x in store.extents(layer, e)]
+                    per_thread = -(-sum(x[2] for x in ext) // threads)  # as idle threads share
+                    step = max(chunk_bytes, -(-per_thread // DIRECT_ALIGN) * DIRECT_ALIGN)
+                    pieces = plan(ext, size, direct and hasattr(os, "O_DIRECT"), step)
+                    t0 = time.perf_counter()
+                    crcs = list(pool_threads.map(read, pieces))
+                    bare_s.append(time.perf_counter() - t0)
+                    want = store.checksum(layer, e)
+                    if want is not None:  # the bare reads must have read the record too
+                        end = max(x[3] + x[2] for x in ext)
+                        got = crc_of_pieces([(p.dest, p.need, c) for p, c in
+                                             zip(pieces, crcs, strict=True) if p.need], end)
+                        if got is None:
+                            got = zlib.crc32(view[:end])
+                        if got != want:
+                            raise FlashMoeError(f"bare read of layer {layer} expert {e}: crc32 "
+                                                f"{got:08x}, the store says {want:08x}")
+            finally:
+                lp.close()
+    finally:
+        pool_threads.shutdown()
+        for f in fds.values():
+            os.close(f)
+        view.release()
+        buf.close()
+    loader_ms, bare_ms = _percentile(loader_s, 0.5) * 1e3, _percentile(bare_s, 0.5) * 1e3
+    return dict(workers=workers, threads=threads, direct=direct, records=records,
+                record_bytes=store.layout.nbytes, loader_p50_ms=loader_ms, bare_p50_ms=bare_ms,
+                overhead_ms=loader_ms - bare_ms, cache_dropped=dropped)
+
+
 def _plot(points: list[dict], path: str, title: str) -> None:
     import matplotlib
 
@@ -180,8 +281,19 @@ def run_io_bench(args: Any) -> int:
                 "bench io: cannot drop the page cache (not root): using O_DIRECT", file=sys.stderr
             )
             direct = True
-    configs = SWEEP if args.sweep else [(args.workers, args.threads)]
     keys = _keys(store, args.trace)
+    if getattr(args, "latency", False):
+        r = one_at_a_time(store, args.workers, args.threads, direct, keys, cold=args.cold)
+        if args.json:
+            print(json.dumps(dict(r, model=str(store.path), kind=store.kind)))
+        else:
+            print(f"one record at a time ({r['record_bytes']} B, {r['threads']} threads, "
+                  f"{'direct' if direct else 'buffered'}): loader p50 {r['loader_p50_ms']:.2f} ms, "
+                  f"bare threads p50 {r['bare_p50_ms']:.2f} ms, the loader's own share "
+                  f"{r['overhead_ms']:.2f} ms")
+        store.close()
+        return 0
+    configs = SWEEP if args.sweep else [(args.workers, args.threads)]
     points = []
     for w, t in configs:
         p = measure(store, w, t, direct, args.seconds, keys, cold=args.cold)

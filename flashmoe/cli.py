@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=5.0)
     b.add_argument("--cold", action="store_true")
     b.add_argument("--sweep", action="store_true")
+    b.add_argument("--latency", action="store_true",
+                   help="one record at a time: the loader against bare threads of one process")
     b.add_argument("--trace", help="routing trace file to replay")
     b.add_argument("--plot")
     b.add_argument("--json", action="store_true")
