@@ -5,6 +5,9 @@ Draws expert records at random over (MoE layer, expert) of a store, or replays a
 thread in flight so the workers never starve, and reports throughput (GB/s, 10**9 bytes) and
 per-record latency (submit -> completion as the coordinator sees it, queueing included).
 ``--sweep`` repeats this over workers x threads and can draw the curves (``--plot``).
+``--latency`` instead times one record at a time, through the loader and by bare threads of one
+process reading the same pieces: the difference is what the loader itself adds to the wait of a
+decode layer that missed one expert.
 """
 
 from __future__ import annotations

@@ -157,6 +157,7 @@ def test_io_thread_and_doorbells_keep_tokens_exact(models, arch, monkeypatch):
     monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
     monkeypatch.setenv("FLASHMOE_IO_THREAD", "on")
     monkeypatch.setenv("FLASHMOE_IO_SPIN_US", "3000")
+    monkeypatch.setenv("FLASHMOE_LANES", "1")  # the I/O thread serves a single lane
     path = models[(arch, "mlx")]
     want = reference_ids(path, PROMPT, N_TOKENS)
     with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:

@@ -84,11 +84,13 @@ def test_killed_workers_lose_nothing(tiny_model: Path, io_thread: bool, monkeypa
         monkeypatch.setenv("FLASHMOE_IO_THREAD", "on")
         monkeypatch.setenv("FLASHMOE_IO_SPIN_US", "2000")
         monkeypatch.setenv("FLASHMOE_PREFETCH", "on")
+        monkeypatch.setenv("FLASHMOE_LANES", "1")  # the I/O thread serves a single lane
     n = 40
     with Engine(str(tiny_model), memory_budget=SMALL_BUDGET, workers=2) as e:
         want = generate_ids(e, PROMPTS[0], n)
         assert e.cache.stats.misses > 4 * n  # nearly every token loads experts
     with Engine(str(tiny_model), memory_budget=SMALL_BUDGET, workers=2) as e:
+        assert (e.cache._io_thread is not None) is io_thread
         got = []
         with WorkerKiller(e.loader.workers_info) as k:
             for c in e.generate(GenRequest(id="k", prompt=PROMPTS[0], max_tokens=n)):
