@@ -222,9 +222,7 @@ class Front:
         self._paths = paths
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._reqs: dict[str, _Req] = {}  # internal id -> request; front thread only
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._pipe = sockets.WakePipe()  # wakes the front thread's poll
         self._router = sockets.router(paths.endpoint, settings.max_message_bytes)
         # Applies to every peer: none can have connected between bind and here.
         self._router.setsockopt(zmq.SNDHWM, PEER_BACKLOG)
@@ -240,12 +238,12 @@ class Front:
         """Run until a stop was requested and running requests finished (or were cancelled)."""
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._pipe.fileno(), zmq.POLLIN)
         drain_until = cancelled_at = None
         while True:
             events = dict(poller.poll(250))
-            if self._wake_r in events:
-                self._drain_pipe()
+            if self._pipe.fileno() in events:
+                self._pipe.drain()
             if self._router in events:
                 self._read_router()
             self._flush()
@@ -270,8 +268,7 @@ class Front:
     def close(self) -> None:
         """Close the ROUTER and remove the socket file."""
         self._router.close(linger=0)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._pipe.close()
         self._paths.socket.unlink(missing_ok=True)
 
     # -- engine thread -> front ----------------------------------------------------------------
@@ -281,17 +278,7 @@ class Front:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):  # pipe full: the front is awake already
-            pass
-
-    def _drain_pipe(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._pipe.wake()
 
     # -- front thread ------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from flashmoe.protocol.messages import (
     decode,
     encode,
 )
-from flashmoe.protocol.sockets import endpoint_path, fresh_endpoint, router
+from flashmoe.protocol.sockets import WakePipe, endpoint_path, fresh_endpoint, router
 from flashmoe.shm.pool import ExpertPool
 
 MAX_ATTEMPTS = 3
@@ -136,12 +136,10 @@ class LoaderPool:
         self._workers: list[_Worker] = []
         # ``wake`` (any thread) ends a ``poll(wakeable=True)`` early: a pipe polled beside the
         # socket, so that the one thread driving the socket hands it over at once.
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._pipe = WakePipe()
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
-        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._poller.register(self._pipe.fileno(), zmq.POLLIN)
         self._bells = pool.doorbells()  # see ``poll(spin_s=)``
         try:
             for i in range(workers):
@@ -192,8 +190,8 @@ class LoaderPool:
             wait = max(1, int(min(deadline - now, SUPERVISE_EVERY_S) * 1000))
             if wakeable:
                 ready = dict(self._poller.poll(wait))
-                if self._wake_r in ready:
-                    self._unwake()
+                if self._pipe.fileno() in ready:
+                    self._pipe.drain()
                     self._drain()
                     break
             else:
@@ -228,17 +226,7 @@ class LoaderPool:
 
     def wake(self) -> None:
         """End the current (or the next) ``poll(wakeable=True)``; safe from any thread."""
-        try:
-            os.write(self._wake_w, b"w")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake is pending anyway) or already closed
-
-    def _unwake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._pipe.wake()
 
     def inflight(self) -> int:
         """Requests submitted and not yet completed."""
@@ -270,12 +258,7 @@ class LoaderPool:
         if self._bells is not None:
             self._bells.release()  # lets the pool unmap
             self._bells = None
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
+        self._pipe.close()
         if not self._sock.closed:
             self._sock.close(0)
             p = endpoint_path(self.endpoint)

@@ -54,6 +54,41 @@ def endpoint_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
 
 
+class WakePipe:
+    """A pipe that one thread polls beside its sockets (``fileno`` in a ``zmq.Poller``) and any
+    other thread, or a signal handler, writes to (``wake``) to end that poll at once."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+
+    def fileno(self) -> int:
+        return self._r
+
+    def wake(self) -> None:
+        try:
+            os.write(self._w, b"\0")
+        except OSError:  # full (a wake is pending anyway: BlockingIOError) or closed
+            pass
+
+    def drain(self) -> None:
+        """Read the pending wakes, so that the next poll waits again."""
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except OSError:  # empty (BlockingIOError) or closed
+            pass
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._r = self._w = -1
+
+
 def _socket(kind: int, max_bytes: int) -> zmq.Socket:
     s = context().socket(kind)
     s.setsockopt(zmq.LINGER, 0)
