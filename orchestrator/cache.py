@@ -35,6 +35,12 @@ Thread safety (``shared=True``): the slot table, the pending loads and the stagi
 guarded by one lock; the loader pool's socket is used by one thread at a time, the one that
 holds ``_io`` (leader), which submits every lane's queued loads, collects completions for all
 of them and wakes the others (followers), who wait on a condition.
+
+With ``io_thread`` (one lane), a coordinator thread holds ``_io`` whenever the lane does not
+(``_drive``): while the lane builds graphs or waits on the GPU it sends guesses, collects loads
+and queues their copies. The lane takes the loader over (``_taken``: the thread is woken out of
+its poll) to send its own loads and to wait for them, so a load it waits for is never one thread
+wake-up away.
 """
 
 from __future__ import annotations
@@ -220,7 +226,9 @@ class ExpertCache:
         self._staging_views = [pool.tensor_views(i, layout) for i in range(plan.staging_slots)]
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
-        self._io = threading.RLock()  # held by the one thread that talks to the loader pool
+        # held by the one thread that talks to the loader pool (re-entrant: a lane that took it
+        # from the I/O thread leads its wait with it)
+        self._io = threading.RLock()
         self.spin_s = max(0.0, float(spin_s))  # a waiting leader watches doorbells this long
         self._why: dict[tuple[int, int], str] = {}  # (layer, expert) -> why its last load failed
         self._local = threading.local()  # per lane: its deferred pins and loads
