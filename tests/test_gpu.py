@@ -41,8 +41,9 @@ def bank_inputs(hidden: int, k: int, num_experts: int, tokens: int, seed: int):
     return x, mx.array(ids[None].astype(np.uint32))
 
 
+@pytest.mark.parametrize("io_thread", ["on", "off"])
 @pytest.mark.parametrize("path", ["copier", "numpy"])
-def test_streamed_banks_equal_mlx_lm_banks(model, path):
+def test_streamed_banks_equal_mlx_lm_banks(model, path, io_thread, monkeypatch):
     """Every streamed bank, fed the inputs mlx-lm's bank is fed, returns the same bits: decode
     (1 token), short prefill (unsorted pairs) and long prefill (mlx-lm's sorted path), with
     evictions in between. End-to-end token equality is not asserted on this backend: MLX
@@ -50,7 +51,9 @@ def test_streamed_banks_equal_mlx_lm_banks(model, path):
     twice in one process (measured), so there is no stable reference to equal."""
     src, packed = model
     ref, _ = mlx_load(str(src))
+    monkeypatch.setenv("FLASHMOE_IO_THREAD", io_thread)  # loads collected by it, or the lane
     with Engine(str(packed), memory_budget=small_budget(packed), workers=2) as eng:
+        assert (eng.cache._io_thread is not None) is (io_thread == "on" and eng.lanes == 1)
         cp = eng.cache.copier
         if path == "numpy" and cp is not None:
             cp.close()
