@@ -12,7 +12,6 @@ decode layer that missed one expert.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -172,33 +171,17 @@ def one_at_a_time(
 
     from flashmoe.store import RECORD_ALIGN
     from flashmoe.workers.crc import crc_of_pieces
-    from flashmoe.workers.loader import DIRECT_ALIGN, plan
+    from flashmoe.workers.loader import PieceReader, chunk_for, plan
 
     dropped = drop_page_cache() if cold else False
     size = -(-store.layout.nbytes // RECORD_ALIGN) * RECORD_ALIGN
     buf = mmap.mmap(-1, size)  # page-aligned, as a pool slot is
     view = memoryview(buf)
-    fds: dict[tuple[str, bool], int] = {}
+    reader = PieceReader()  # the loader's own reads, without its threads and messages
     pool_threads = ThreadPoolExecutor(threads)
 
-    def fd(path: str, d: bool) -> int:
-        if (path, d) not in fds:
-            try:
-                fds[(path, d)] = os.open(path, os.O_RDONLY | (os.O_DIRECT if d else 0))
-            except OSError as e:  # a filesystem without O_DIRECT (tmpfs): read it buffered
-                if not d or e.errno != errno.EINVAL:
-                    raise
-                fds[(path, d)] = os.open(path, os.O_RDONLY)
-        return fds[(path, d)]
-
     def read(p) -> int:
-        got = 0
-        while got < p.need:
-            n = os.preadv(fd(p.path, p.direct), [view[p.dest + got:p.dest + p.length]],
-                          p.offset + got)
-            if n <= 0:
-                break
-            got += n
+        reader.read(view, p)
         return zlib.crc32(view[p.dest:p.dest + p.need])
 
     loader_s: list[float] = []
@@ -220,9 +203,8 @@ def one_at_a_time(
                         raise FlashMoeError(f"load failed: {done[0].error}")
                     layer, e = next(keys)
                     ext = [[x.path, x.offset, x.length, x.dest] for x in store.extents(layer, e)]
-                    per_thread = -(-sum(x[2] for x in ext) // threads)  # as idle threads share
-                    step = max(chunk_bytes, -(-per_thread // DIRECT_ALIGN) * DIRECT_ALIGN)
-                    pieces = plan(ext, size, direct and hasattr(os, "O_DIRECT"), step)
+                    step = chunk_for(sum(x[2] for x in ext), threads, chunk_bytes)  # all idle
+                    pieces = plan(ext, size, direct, step)
                     t0 = time.perf_counter()
                     crcs = list(pool_threads.map(read, pieces))
                     bare_s.append(time.perf_counter() - t0)
@@ -240,8 +222,7 @@ def one_at_a_time(
                 lp.close()
     finally:
         pool_threads.shutdown()
-        for f in fds.values():
-            os.close(f)
+        reader.close()
         view.release()
         buf.close()
     loader_ms, bare_ms = _percentile(loader_s, 0.5) * 1e3, _percentile(bare_s, 0.5) * 1e3

@@ -372,10 +372,8 @@ class ExpertCache:
                         if self._settled(p) or enough():
                             return
                     left = max(0.0, deadline - time.perf_counter())
-                    done = self.loader.poll(min(left, self.POLL_SLICE_S) if self.shared
-                                            else left, spin_s=self.spin_s)
-                    for c in done:
-                        self._complete(c)
+                    self._collect(min(left, self.POLL_SLICE_S) if self.shared else left,
+                                  spin_s=self.spin_s)
                 finally:
                     self._io.release()
                 with self._cv:
@@ -564,9 +562,7 @@ class ExpertCache:
             return  # it does so all the time
         if self._io.acquire(blocking=False):
             try:
-                done = self.loader.poll(0.0)
-                for c in done:
-                    self._complete(c)
+                self._collect(0.0)
             finally:
                 self._io.release()
 
@@ -605,9 +601,7 @@ class ExpertCache:
                 with self._io:
                     with self._lock:
                         self._pump()
-                    done = self.loader.poll(self.IO_POLL_S, wakeable=True)
-                    for c in done:
-                        self._complete(c)
+                    done = self._collect(self.IO_POLL_S, wakeable=True)
                 if done:
                     with self._cv:
                         self._cv.notify_all()
@@ -626,6 +620,13 @@ class ExpertCache:
             self._cv.notify_all()
         self.loader.wake()
         t.join(timeout=10)
+
+    def _collect(self, timeout_s: float, **poll) -> bool:
+        """Poll the loaders (``_io`` held) and complete what landed; whether anything did."""
+        done = self.loader.poll(timeout_s, **poll)
+        for c in done:
+            self._complete(c)
+        return bool(done)
 
     def _pump(self) -> None:
         """Submit queued loads while staging slots are free, then guesses if nothing demanded

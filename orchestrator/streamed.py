@@ -86,6 +86,7 @@ class StreamedBank:
         # how many of the next layer's are read beside demanded loads (the rest are late: read
         # only while no demanded load is, to fill the disk's idle time).
         self.ahead: list[tuple[int, nn.Module, int]] = []
+        self.ahead_layers: list[int] = []  # the layers of ``ahead``
         self.guess_top = 0
         self.early_top = 0
         self.defer = False  # may return before its loads land (set for all but the last bank)
@@ -137,8 +138,7 @@ class StreamedBank:
                 if EAGER:
                     mx.async_eval(out)
             if guess is not None:  # read after this layer's own loads
-                keys, early = _best_first(np.array(guess), [a[0] for a in self.ahead],
-                                          self.early_top)
+                keys, early = _best_first(np.array(guess), self.ahead_layers, self.early_top)
                 self.cache.prefetch(keys, limit=self.prefetch_limit, early=early)
             if st.profile:
                 t1 = time.perf_counter()
@@ -292,6 +292,7 @@ def install_streamed_banks(model: nn.Module, cache: ExpertCache, quant: dict | N
                     break  # a layer it cannot guess: guess none beyond it either
                 bank.ahead.append((nxt.layer, *router))
             if bank.ahead:
+                bank.ahead_layers = [a[0] for a in bank.ahead]
                 k = min(a[2] for a in bank.ahead)
                 bank.early_top = min(k, guess_top) if guess_top > 0 else k
                 bank.guess_top = min(k, bank.early_top + max(0, late_top))

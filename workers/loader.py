@@ -113,6 +113,83 @@ def plan(extents: list[list], slot_bytes: int, direct: bool, chunk: int) -> list
     return pieces
 
 
+def chunk_for(total: int, idle: int, chunk: int) -> int:
+    """The piece size for a ``total``-byte demanded record when ``idle`` I/O threads are free to
+    share it (0: read whole extents, one busy thread is enough)."""
+    if chunk <= 0 or idle < 2:
+        return 0
+    return max(chunk, _round_up(-(-total // idle), DIRECT_ALIGN))
+
+
+class PieceReader:
+    """Reads pieces into a buffer with ``os.preadv``: O_DIRECT (``F_NOCACHE`` on macOS) where
+    the piece allows it and the filesystem accepts it, buffered otherwise. Keeps one fd per
+    (file, mode); safe to share between threads."""
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[str, bool], int] = {}
+        self._fd_lock = threading.Lock()
+        self._no_direct: set[str] = set()  # filesystems that refuse O_DIRECT (tmpfs)
+
+    def read(self, buf: memoryview, p: _Piece) -> None:
+        """Fill ``buf[p.dest:]`` with the piece; EOFError if the file ends before it does."""
+        direct = p.direct and (_HAVE_O_DIRECT or _HAVE_NOCACHE) and p.path not in self._no_direct
+        if direct:
+            try:
+                if self._pread(buf, p, True):
+                    return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._no_direct.add(p.path)  # this filesystem refuses O_DIRECT: go buffered
+        self._pread(buf, p, False)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, path: str, direct: bool) -> int:
+        key = (path, direct)
+        fd = self._fds.get(key)
+        if fd is None:
+            with self._fd_lock:
+                fd = self._fds.get(key)
+                if fd is None:
+                    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+                    if direct and _HAVE_O_DIRECT:
+                        flags |= os.O_DIRECT
+                    fd = os.open(path, flags)
+                    if direct and _HAVE_NOCACHE:
+                        import fcntl
+
+                        fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+                    self._fds[key] = fd
+        return fd
+
+    def _pread(self, buf: memoryview, p: _Piece, direct: bool) -> bool:
+        """Read a piece; False when an O_DIRECT read came back short of a block boundary."""
+        fd = self._fd(p.path, direct)
+        length = p.length if direct else p.need
+        mv = buf[p.dest : p.dest + length]
+        got = 0
+        while got < length:
+            n = os.preadv(fd, [mv[got:]], p.offset + got)
+            if n == 0:
+                break
+            got += n
+            if direct and got % DIRECT_ALIGN:
+                break  # end of file inside a block: no further aligned read is possible
+        if got < p.need:
+            if direct and got % DIRECT_ALIGN:
+                return False
+            raise EOFError(
+                f"short read: {p.path} at offset {p.offset + got}: end of file after "
+                f"{got} of {p.need} bytes"
+            )
+        return True
+
+
 class _Tasks:
     """The I/O threads' pieces to read: urgent ones first, in order; guessed ones only while
     fewer than ``guess_threads`` threads read guessed pieces."""
@@ -179,9 +256,7 @@ class Loader:
         self.worker_id = worker_id
         self.tasks = _Tasks(guess_threads or max(1, threads // 4))
         self._local = threading.local()  # .send: this thread's socket
-        self._fds: dict[tuple[str, bool], int] = {}
-        self._fd_lock = threading.Lock()
-        self._no_direct: set[str] = set()  # filesystems that refuse O_DIRECT (tmpfs)
+        self.reader = PieceReader()
         self._bells = pool.doorbells()
         self._threads = [
             threading.Thread(target=self._run, args=(i, self._serve), name=f"io{i}", daemon=True)
@@ -209,20 +284,14 @@ class Loader:
 
     def _chunk_for(self, req: LoadRequest) -> int:
         """Split only across threads that are idle now; a busy worker reads whole extents."""
-        idle = self.tasks.idle
-        if self.chunk <= 0 or idle < 2:
-            return 0
-        total = sum(e[2] for e in req.extents)
-        return max(self.chunk, _round_up(-(-total // idle), DIRECT_ALIGN))
+        return chunk_for(sum(e[2] for e in req.extents), self.tasks.idle, self.chunk)
 
     def close(self, timeout_s: float = 2.0) -> None:
         self.tasks.stop(len(self._threads))
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self.reader.close()
         self._bells.release()  # lets the pool unmap
 
     # -- I/O threads ---------------------------------------------------------------------------
@@ -250,7 +319,7 @@ class Loader:
         err = crc = None
         if job.error is None:  # a failed request skips its remaining pieces
             try:
-                self._read(job.req.slot, p)
+                self.reader.read(self.pool.buffer(job.req.slot), p)
                 if job.req.checksum is not None and p.need:
                     crc = zlib.crc32(self.pool.buffer(job.req.slot)[p.dest:p.dest + p.need])
             except OSError as e:
@@ -266,58 +335,6 @@ class Loader:
             last = job.remaining == 0
         if last:
             self._finish(job)
-
-    def _fd(self, path: str, direct: bool) -> int:
-        key = (path, direct)
-        fd = self._fds.get(key)
-        if fd is None:
-            with self._fd_lock:
-                fd = self._fds.get(key)
-                if fd is None:
-                    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-                    if direct and _HAVE_O_DIRECT:
-                        flags |= os.O_DIRECT
-                    fd = os.open(path, flags)
-                    if direct and _HAVE_NOCACHE:
-                        import fcntl
-
-                        fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
-                    self._fds[key] = fd
-        return fd
-
-    def _read(self, slot: int, p: _Piece) -> None:
-        direct = p.direct and (_HAVE_O_DIRECT or _HAVE_NOCACHE) and p.path not in self._no_direct
-        if direct:
-            try:
-                if self._pread(slot, p, True):
-                    return
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self._no_direct.add(p.path)  # this filesystem refuses O_DIRECT: go buffered
-        self._pread(slot, p, False)
-
-    def _pread(self, slot: int, p: _Piece, direct: bool) -> bool:
-        """Read a piece; False when an O_DIRECT read came back short of a block boundary."""
-        fd = self._fd(p.path, direct)
-        length = p.length if direct else p.need
-        mv = self.pool.buffer(slot)[p.dest : p.dest + length]
-        got = 0
-        while got < length:
-            n = os.preadv(fd, [mv[got:]], p.offset + got)
-            if n == 0:
-                break
-            got += n
-            if direct and got % DIRECT_ALIGN:
-                break  # end of file inside a block: no further aligned read is possible
-        if got < p.need:
-            if direct and got % DIRECT_ALIGN:
-                return False
-            raise EOFError(
-                f"short read: {p.path} at offset {p.offset + got}: end of file after "
-                f"{got} of {p.need} bytes"
-            )
-        return True
 
     # -- replies -------------------------------------------------------------------------------
 
