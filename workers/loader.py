@@ -245,21 +245,27 @@ class Loader:
         self,
         pool: ExpertPool,
         threads: int,
-        endpoint: str,
-        worker_id: int,
+        endpoint: str | None = None,
+        worker_id: int = 0,
         chunk: int = DEFAULT_CHUNK,
         guess_threads: int | None = None,
+        deliver: Callable[[LoadDone | LoadFailed], None] | None = None,
     ):
+        """``deliver``: hand each reply to this function, called in the I/O thread that made
+        it, instead of sending it on a socket (the coordinator's in-process loader)."""
+        if (endpoint is None) == (deliver is None):
+            raise ValueError("give exactly one of endpoint and deliver")
         self.pool = pool
         self.chunk = chunk
         self.endpoint = endpoint
         self.worker_id = worker_id
         self.tasks = _Tasks(guess_threads or max(1, threads // 4))
         self._local = threading.local()  # .send: this thread's socket
+        self._deliver = deliver
         self.reader = PieceReader()
-        self._bells = pool.doorbells()
+        self._bells = pool.doorbells() if deliver is None else None
         self._threads = [
-            threading.Thread(target=self._run, args=(i, self._serve), name=f"io{i}", daemon=True)
+            threading.Thread(target=self._run, args=(i,), name=f"flashmoe-read{i}", daemon=True)
             for i in range(threads)
         ]
         for t in self._threads:
@@ -292,15 +298,19 @@ class Loader:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         self.reader.close()
-        self._bells.release()  # lets the pool unmap
+        if self._bells is not None:
+            self._bells.release()  # lets the pool unmap
 
     # -- I/O threads ---------------------------------------------------------------------------
 
-    def _run(self, index: int, loop: Callable[[], None]) -> None:
+    def _run(self, index: int) -> None:
+        if self._deliver is not None:
+            self._serve()
+            return
         sock = dealer(self.endpoint, identity=f"{self.worker_id}:{index}".encode())
         self._local.send = sock.send_multipart
         try:
-            loop()
+            self._serve()
         finally:
             sock.close(0)
 
@@ -326,6 +336,8 @@ class Loader:
                 err = f"{p.path} at offset {p.offset}: {e.strerror or e}"
             except EOFError as e:
                 err = str(e)
+            except Exception as e:  # noqa: BLE001 - a reply, never a thread that dies silently
+                err = f"{p.path} at offset {p.offset}: {type(e).__name__}: {e}"
         with job.lock:
             if err and job.error is None:
                 job.error = err
@@ -359,6 +371,8 @@ class Loader:
         """Write the request id into its slot's doorbell, before the reply: a waiting
         coordinator sees it at once. Under the job's lock, whose acquire orders the store after
         every piece's bytes (the threads that read them released it)."""
+        if self._bells is None:
+            return  # in-process: the reply itself is as quick
         try:
             with job.lock:
                 if job.req.slot < len(self._bells):
@@ -373,7 +387,10 @@ class Loader:
             msg = LoadDone(req.req, req.generation, req.slot, job.record_end, us)
         else:
             msg = LoadFailed(req.req, req.generation, req.slot, err)
-        self._local.send(encode(msg))
+        if self._deliver is not None:
+            self._deliver(msg)
+        else:
+            self._local.send(encode(msg))
 
 
 def serve(args: argparse.Namespace) -> int:
