@@ -51,6 +51,7 @@ def format_size(n: int) -> str:
 class Settings:
     memory_budget: str = "auto"
     auto_budget_fraction: float = 0.5
+    loader: str = "auto"
     workers: int = 2
     io_threads: int = 8
     io_mode: str = "auto"

@@ -29,7 +29,7 @@ from flashmoe.configs import OFF_WORDS, ON_WORDS, ConfigError, Settings, load_se
 from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.orchestrator.cache import ExpertCache, plan_pool
 from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, make_copier, on_cuda
-from flashmoe.orchestrator.loaders import LoaderPool
+from flashmoe.orchestrator.loaders import LoaderPool, ThreadLoader
 from flashmoe.orchestrator.scheduler import (
     Chunk,
     GenRequest,
@@ -135,6 +135,28 @@ def resolve_prefetch(setting) -> bool:
     return resolve_switch(setting, "prefetch", mx.default_device() != mx.cpu)
 
 
+def resolve_loader(setting) -> str:
+    """``processes`` or ``threads`` (see the ``loader`` setting)."""
+    v = str(setting).strip().lower()
+    if v == "auto":
+        return "processes"
+    if v in ("processes", "threads"):
+        return v
+    raise ConfigError(f"setting loader: expected auto, processes or threads, got {setting!r}")
+
+
+def make_loader(s: Settings, pool: ExpertPool) -> LoaderPool | ThreadLoader:
+    """The loader the settings ask for, filling ``pool``'s slots."""
+    if resolve_loader(s.loader) == "threads":
+        return ThreadLoader(pool, threads=max(1, s.workers) * s.io_threads, io_mode=s.io_mode,
+                            chunk_bytes=parse_size(s.io_chunk),
+                            guess_threads=max(1, s.workers) * s.prefetch_threads or None)
+    return LoaderPool(pool, workers=s.workers, threads=s.io_threads, io_mode=s.io_mode,
+                      chunk_bytes=parse_size(s.io_chunk),
+                      guess_threads=s.prefetch_threads or None,
+                      start_timeout_s=s.worker_start_timeout_s, load_timeout_s=s.load_timeout_s)
+
+
 def default_budget(settings: Settings, dense_bytes: int) -> int:
     avail = psutil.virtual_memory().available
     return max(0, int((avail - dense_bytes) * settings.auto_budget_fraction))
@@ -177,11 +199,7 @@ class Engine:
         cleanup_stale()
         self.pool = ExpertPool.create(self.plan.staging_slots, self.plan.staging_slot_bytes)
         try:
-            self.loader = LoaderPool(self.pool, workers=s.workers, threads=s.io_threads,
-                                     io_mode=s.io_mode, chunk_bytes=parse_size(s.io_chunk),
-                                     guess_threads=s.prefetch_threads or None,
-                                     start_timeout_s=s.worker_start_timeout_s,
-                                     load_timeout_s=s.load_timeout_s)
+            self.loader = make_loader(s, self.pool)
             self.lanes = resolve_lanes(s.lanes, self.plan.cache_slots, self.store.num_experts)
             prefetch = resolve_prefetch(s.prefetch)
             io_thread = resolve_switch(s.io_thread, "io_thread", prefetch)

@@ -16,6 +16,7 @@ import itertools
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from flashmoe.protocol.messages import (
 )
 from flashmoe.protocol.sockets import WakePipe, endpoint_path, fresh_endpoint, router
 from flashmoe.shm.pool import ExpertPool
+from flashmoe.workers.loader import DEFAULT_CHUNK, Loader
 
 MAX_ATTEMPTS = 3
 SUPERVISE_EVERY_S = 0.1
@@ -433,3 +435,102 @@ class LoaderPool:
     def _fail(self, r: _Request, error: str) -> None:
         self._requests.pop(r.req, None)
         self._done.append(Completion(r.req, r.slot, False, error=error))
+
+
+class ThreadLoader:
+    """The loaders' reads done by I/O threads of the coordinator process itself, with
+    ``LoaderPool``'s interface: the same pieces, urgent-first order, guess limit, O_DIRECT and
+    crc32 checks as a loader worker (it is a worker's ``Loader``), but a reply is a function
+    call and a completion wakes the waiting thread directly, with no message, socket hop or
+    second process to wake. ``preadv`` and ``zlib.crc32`` let go of the GIL, so the reads run
+    beside the coordinator's Python.
+
+    What it gives up: a worker can be killed and replaced, a thread cannot; a read stuck in the
+    kernel holds its thread until it returns (the cache's own timeout still reports the load).
+    """
+
+    def __init__(
+        self,
+        pool: ExpertPool,
+        threads: int = 16,
+        io_mode: str = "auto",
+        chunk_bytes: int | None = None,
+        guess_threads: int | None = None,
+    ):
+        if io_mode not in ("auto", "direct", "buffered"):
+            raise ValueError(f"io_mode must be auto, direct or buffered, got {io_mode!r}")
+        if threads < 1:
+            raise ValueError(f"need at least one I/O thread, got {threads}")
+        self.pool = pool
+        self.threads = threads
+        self.direct = io_mode != "buffered"
+        self.restarts = 0  # as ``LoaderPool``'s: nothing here is ever restarted
+        self.last_restart_s: float | None = None
+        self._reqs = itertools.count(1)
+        self._cv = threading.Condition()
+        self._inflight: set[int] = set()
+        self._done: list[Completion] = []
+        self._woken = False
+        self._loader = Loader(pool, threads, chunk=DEFAULT_CHUNK if chunk_bytes is None
+                              else chunk_bytes, guess_threads=guess_threads,
+                              deliver=self._deliver)
+
+    def submit(self, slot: int, extents: Any, checksum: int | None = None,
+               direct: bool | None = None, urgent: bool = True) -> int:
+        """As ``LoaderPool.submit``."""
+        rid = next(self._reqs)
+        d = self.direct if direct is None else bool(direct)
+        with self._cv:
+            self._inflight.add(rid)
+        self._loader.submit(LoadRequest(rid, 0, slot, _extent_list(extents), checksum, d,
+                                        bool(urgent)))
+        return rid
+
+    def _deliver(self, msg: LoadDone | LoadFailed) -> None:
+        if isinstance(msg, LoadDone):
+            c = Completion(msg.req, msg.slot, True, msg.nbytes, msg.us)
+        else:
+            c = Completion(msg.req, msg.slot, False, error=msg.error)
+        with self._cv:
+            self._inflight.discard(msg.req)
+            self._done.append(c)
+            self._cv.notify_all()
+
+    def poll(self, timeout_s: float = 0.0, wakeable: bool = False,
+             spin_s: float = 0.0) -> list[Completion]:
+        """As ``LoaderPool.poll`` (``spin_s`` is ignored: a completion wakes the poll itself)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while not self._done and not (wakeable and self._woken):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            if wakeable:
+                self._woken = False
+            out, self._done = self._done, []
+        return out
+
+    def wake(self) -> None:
+        """End the current (or the next) ``poll(wakeable=True)``; safe from any thread."""
+        with self._cv:
+            self._woken = True
+            self._cv.notify_all()
+
+    def inflight(self) -> int:
+        with self._cv:
+            return len(self._inflight)
+
+    def workers_info(self) -> list[dict]:
+        """None: no loader process to report (or to kill)."""
+        return []
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._loader.close(timeout_s)
+
+    def __enter__(self) -> ThreadLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

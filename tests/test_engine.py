@@ -171,6 +171,37 @@ def test_io_thread_and_doorbells_keep_tokens_exact(models, arch, monkeypatch):
     assert not thread.is_alive()
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_loader_threads_keep_tokens_exact(models, arch, monkeypatch):
+    """The coordinator's own loader threads instead of worker processes (with prefetch and the
+    I/O thread, which wakes their poll): same tokens as mlx-lm, no worker process."""
+    from flashmoe.orchestrator.loaders import ThreadLoader
+
+    monkeypatch.setenv("FLASHMOE_LOADER", "threads")
+    monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
+    monkeypatch.setenv("FLASHMOE_IO_THREAD", "on")
+    monkeypatch.setenv("FLASHMOE_LANES", "1")
+    path = models[(arch, "mlx")]
+    want = reference_ids(path, PROMPT, N_TOKENS)
+    with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
+        assert isinstance(eng.loader, ThreadLoader) and eng.loader.workers_info() == []
+        got = [t for c in eng.generate(GenRequest(id="t", prompt=PROMPT, max_tokens=N_TOKENS))
+               for t in c.token_ids]
+        st = eng.cache.stats
+        assert st.misses > 0 and st.prefetched > 0 and eng.loader.inflight() == 0
+    assert got == want
+
+
+def test_loader_setting(models, monkeypatch):
+    from flashmoe.configs import ConfigError
+    from flashmoe.orchestrator.engine import resolve_loader
+
+    assert resolve_loader("auto") == "processes" and resolve_loader(" Threads ") == "threads"
+    monkeypatch.setenv("FLASHMOE_LOADER", "fibers")
+    with pytest.raises(ConfigError, match="setting loader: expected auto, processes or threads"):
+        Engine(str(models[("qwen3_moe", "mlx")]), dtype="float32")
+
+
 def test_io_thread_setting(models, monkeypatch):
     from flashmoe.configs import ConfigError
 

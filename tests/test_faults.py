@@ -215,14 +215,17 @@ def test_corrupt_expert_in_a_running_daemon(packed_model: Path, tmp_path: Path) 
         assert return_ids == generate_ids(e, PROMPTS[0], MAX_TOKENS)
 
 
+@pytest.mark.parametrize("loader", ["processes", "threads"])
 @pytest.mark.parametrize("kind", ["packed", "mlx"])
 def test_truncated_file_after_start(
-    kind: str, tiny_model: Path, packed_model: Path, tmp_path: Path
+    kind: str, loader: str, tiny_model: Path, packed_model: Path, tmp_path: Path, monkeypatch
 ) -> None:
     """A packed layer file or an mlx shard cut short while the engine runs: a clear error
-    naming the file, never garbage; the same request is right again once the file is back."""
+    naming the file, never garbage; the same request is right again once the file is back.
+    The same with the coordinator's own loader threads."""
     from flashmoe.orchestrator.engine import Engine
 
+    monkeypatch.setenv("FLASHMOE_LOADER", loader)
     model = _copy(packed_model if kind == "packed" else tiny_model, tmp_path)
     layer, expert = only_in_first(model)
     with Engine(str(model), memory_budget=SMALL_BUDGET, workers=1) as e:

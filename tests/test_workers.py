@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flashmoe.errors import LoadError
-from flashmoe.orchestrator.loaders import LoaderPool
+from flashmoe.orchestrator.loaders import LoaderPool, ThreadLoader
 from flashmoe.shm.pool import ExpertPool
 from flashmoe.store import open_store
 
@@ -54,6 +54,18 @@ def loader():
             lp.close()
 
 
+@pytest.fixture(scope="module")
+def thread_loader():
+    with ExpertPool.create(16, 256 << 10) as pool, ThreadLoader(pool, threads=3) as tl:
+        yield tl
+
+
+@pytest.fixture(params=["processes", "threads"])
+def either(request, loader, thread_loader):
+    """The loader workers, then the coordinator's own loader threads: same interface."""
+    return loader if request.param == "processes" else thread_loader
+
+
 def assert_record(pool: ExpertPool, slot: int, store, layer: int, expert: int) -> None:
     want = store.read_record(layer, expert)
     got = pool.slot(slot)
@@ -64,7 +76,8 @@ def assert_record(pool: ExpertPool, slot: int, store, layer: int, expert: int) -
 
 @pytest.mark.parametrize("kind", ["hf", "mlx", "packed", "packed-mlx"])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
-def test_fills_slots_with_the_right_bytes(stores, loader, kind, direct):
+def test_fills_slots_with_the_right_bytes(stores, either, kind, direct):
+    loader = either
     store = open_store(stores[kind])
     pool = loader.pool
     assert store.layout.nbytes <= pool.slot_bytes
@@ -117,7 +130,8 @@ def test_urgent_pieces_go_first_and_guesses_take_few_threads():
     assert t.get() == (None, True)
 
 
-def test_checksum_mismatch_names_the_file(stores, loader):
+def test_checksum_mismatch_names_the_file(stores, either):
+    loader = either
     store = open_store(stores["packed"])
     ext = store.extents(store.moe_layers[0], 3)
     bad = store.checksum(store.moe_layers[0], 3) ^ 1
@@ -168,7 +182,8 @@ def test_record_checked_in_pieces(tmp_path):
             assert not done[r2].ok and "checksum mismatch" in done[r2].error
 
 
-def test_truncated_and_missing_files_fail_clearly(tmp_path, loader):
+def test_truncated_and_missing_files_fail_clearly(tmp_path, either):
+    loader = either
     f = tmp_path / "short.bin"
     f.write_bytes(os.urandom(10000))
     r1 = loader.submit(0, [[str(f), 8192, 4096, 0]])
@@ -344,3 +359,33 @@ def test_round_trip_overhead(tmp_path, loader):
         f"\nsubmit->completion for 64 B: p50 {lat[150] * 1e6:.0f} us, p99 {lat[297] * 1e6:.0f} us"
     )
     assert lat[150] < 0.05
+
+
+def test_thread_loader_poll_wakes_and_errors_are_replies(tmp_path, monkeypatch):
+    """``wake`` ends a wakeable poll at once and only a wakeable one; an unexpected error in a
+    read thread comes back as a failed load naming the file, and the thread keeps serving."""
+    f = tmp_path / "rec.bin"
+    f.write_bytes(os.urandom(8192))
+    with ExpertPool.create(2, 16384) as pool, ThreadLoader(pool, threads=2) as tl:
+        t0 = time.monotonic()
+        assert tl.poll(0.3) == [] and time.monotonic() - t0 >= 0.25
+        tl.wake()
+        assert tl.poll(0.2) == []  # not wakeable: the wake waits for a wakeable poll
+        t0 = time.monotonic()
+        assert tl.poll(10.0, wakeable=True) == [] and time.monotonic() - t0 < 1.0
+        real = tl._loader.reader.read
+        calls = []
+
+        def read(buf, p):
+            calls.append(p)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return real(buf, p)
+        monkeypatch.setattr(tl._loader.reader, "read", read)
+        bad = tl.submit(0, [[str(f), 0, 8192, 0]], zlib.crc32(f.read_bytes()))
+        good = tl.submit(1, [[str(f), 0, 8192, 0]], zlib.crc32(f.read_bytes()))
+        done = wait_all(tl, [bad, good])
+        assert not done[bad].ok and "RuntimeError: boom" in done[bad].error
+        assert str(f) in done[bad].error
+        assert done[good].ok and bytes(pool.slot(1)[:8192]) == f.read_bytes()
+        assert tl.inflight() == 0
