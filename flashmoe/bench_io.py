@@ -5,9 +5,9 @@ Draws expert records at random over (MoE layer, expert) of a store, or replays a
 thread in flight so the workers never starve, and reports throughput (GB/s, 10**9 bytes) and
 per-record latency (submit -> completion as the coordinator sees it, queueing included).
 ``--sweep`` repeats this over workers x threads and can draw the curves (``--plot``).
-``--latency`` instead times one record at a time, through the loader and by bare threads of one
-process reading the same pieces: the difference is what the loader itself adds to the wait of a
-decode layer that missed one expert.
+``--latency`` instead times one record at a time, through the loader workers, through the
+coordinator's own loader threads, and by bare threads of one process reading the same pieces: the
+differences are what each loader itself adds to the wait of a decode layer that missed one expert.
 """
 
 from __future__ import annotations
@@ -161,14 +161,16 @@ def one_at_a_time(
     chunk_bytes: int = DEFAULT_CHUNK,
 ) -> dict:
     """Latency of one record with nothing else in flight (what a decode layer waiting for its
-    one missed expert sees): through the loader (submit -> completion, checksum checked), and
-    read by bare threads of this process in the same pieces, each piece's crc32 taken as the
-    loader does (the record is checked against the store after the clock stops). Records
-    alternate between the two, so both meet the same disk."""
+    one missed expert sees): through the loader workers and through the coordinator's own
+    loader threads (``loader`` setting ``threads``), submit -> completion with the checksum
+    checked, and read by bare threads of this process in the same pieces, each piece's crc32
+    taken as the loader does (the record is checked against the store after the clock stops).
+    Records rotate between the three, so all meet the same disk."""
     import mmap
     import zlib
     from concurrent.futures import ThreadPoolExecutor
 
+    from flashmoe.orchestrator.loaders import ThreadLoader
     from flashmoe.store import RECORD_ALIGN
     from flashmoe.workers.crc import crc_of_pieces
     from flashmoe.workers.loader import PieceReader, chunk_for, plan
@@ -184,23 +186,31 @@ def one_at_a_time(
         reader.read(view, p)
         return zlib.crc32(view[p.dest:p.dest + p.need])
 
+    def through(loader) -> float:
+        layer, e = next(keys)
+        t0 = time.perf_counter()
+        loader.submit(0, store.extents(layer, e), store.checksum(layer, e))
+        done: list = []
+        while not done:
+            done = loader.poll(10.0)
+        took = time.perf_counter() - t0
+        if not done[0].ok:
+            raise FlashMoeError(f"load failed: {done[0].error}")
+        return took
+
     loader_s: list[float] = []
+    threads_s: list[float] = []
     bare_s: list[float] = []
+    io_mode = "direct" if direct else "buffered"
     try:
         with ExpertPool.create(1, store.layout.nbytes) as pool:
-            lp = LoaderPool(pool, workers=workers, threads=threads,
-                            io_mode="direct" if direct else "buffered", chunk_bytes=chunk_bytes)
-            try:
+            with LoaderPool(pool, workers=workers, threads=threads, io_mode=io_mode,
+                            chunk_bytes=chunk_bytes) as lp, \
+                    ThreadLoader(pool, threads=threads, io_mode=io_mode,
+                                 chunk_bytes=chunk_bytes) as tl:
                 for _ in range(records):
-                    layer, e = next(keys)
-                    t0 = time.perf_counter()
-                    lp.submit(0, store.extents(layer, e), store.checksum(layer, e))
-                    done: list = []
-                    while not done:
-                        done = lp.poll(10.0)
-                    loader_s.append(time.perf_counter() - t0)
-                    if not done[0].ok:
-                        raise FlashMoeError(f"load failed: {done[0].error}")
+                    loader_s.append(through(lp))
+                    threads_s.append(through(tl))
                     layer, e = next(keys)
                     ext = [[x.path, x.offset, x.length, x.dest] for x in store.extents(layer, e)]
                     step = chunk_for(sum(x[2] for x in ext), threads, chunk_bytes)  # all idle
@@ -218,17 +228,18 @@ def one_at_a_time(
                         if got != want:
                             raise FlashMoeError(f"bare read of layer {layer} expert {e}: crc32 "
                                                 f"{got:08x}, the store says {want:08x}")
-            finally:
-                lp.close()
     finally:
         pool_threads.shutdown()
         reader.close()
         view.release()
         buf.close()
     loader_ms, bare_ms = _percentile(loader_s, 0.5) * 1e3, _percentile(bare_s, 0.5) * 1e3
+    threads_ms = _percentile(threads_s, 0.5) * 1e3
     return dict(workers=workers, threads=threads, direct=direct, records=records,
-                record_bytes=store.layout.nbytes, loader_p50_ms=loader_ms, bare_p50_ms=bare_ms,
-                overhead_ms=loader_ms - bare_ms, cache_dropped=dropped)
+                record_bytes=store.layout.nbytes, loader_p50_ms=loader_ms,
+                thread_loader_p50_ms=threads_ms, bare_p50_ms=bare_ms,
+                overhead_ms=loader_ms - bare_ms, thread_overhead_ms=threads_ms - bare_ms,
+                cache_dropped=dropped)
 
 
 def _plot(points: list[dict], path: str, title: str) -> None:
@@ -272,9 +283,11 @@ def run_io_bench(args: Any) -> int:
             print(json.dumps(dict(r, model=str(store.path), kind=store.kind)))
         else:
             print(f"one record at a time ({r['record_bytes']} B, {r['threads']} threads, "
-                  f"{'direct' if direct else 'buffered'}): loader p50 {r['loader_p50_ms']:.2f} ms, "
-                  f"bare threads p50 {r['bare_p50_ms']:.2f} ms, the loader's own share "
-                  f"{r['overhead_ms']:.2f} ms")
+                  f"{'direct' if direct else 'buffered'}): p50 through loader workers "
+                  f"{r['loader_p50_ms']:.2f} ms, through loader threads "
+                  f"{r['thread_loader_p50_ms']:.2f} ms, bare threads {r['bare_p50_ms']:.2f} ms; "
+                  f"the loader's own share {r['overhead_ms']:.2f} ms (workers), "
+                  f"{r['thread_overhead_ms']:.2f} ms (threads)")
         store.close()
         return 0
     configs = SWEEP if args.sweep else [(args.workers, args.threads)]
