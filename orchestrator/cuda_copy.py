@@ -110,7 +110,12 @@ class _Runtime:
         for name, (args, res) in sig.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, res
-        self.memcpy_async = lib.cudaMemcpyAsync
+        # cudaMemcpyAsync only queues a copy from page-locked memory (microseconds): called
+        # through PyDLL it keeps the GIL, so a record's nine or so calls do not each have to
+        # win the GIL back from the other threads of the coordinator.
+        quick = ctypes.PyDLL(lib._name).cudaMemcpyAsync
+        quick.argtypes, quick.restype = sig["cudaMemcpyAsync"]
+        self.memcpy_async = quick
         self.stream_sync = lib.cudaStreamSynchronize
         v = ctypes.c_int()
         self.check(lib.cudaRuntimeGetVersion(ctypes.byref(v)), "cudaRuntimeGetVersion")
