@@ -36,11 +36,11 @@ guarded by one lock; the loader pool's socket is used by one thread at a time, t
 holds ``_io`` (leader), which submits every lane's queued loads, collects completions for all
 of them and wakes the others (followers), who wait on a condition.
 
-With ``io_thread`` (one lane), a coordinator thread holds ``_io`` whenever the lane does not
+With ``io_thread`` (one lane), a coordinator thread drives the loader whenever the lane does not
 (``_drive``): while the lane builds graphs or waits on the GPU it sends guesses, collects loads
-and queues their copies. The lane takes the loader over (``_taken``: the thread is woken out of
-its poll) to send its own loads and to wait for them, so a load it waits for is never one thread
-wake-up away.
+and queues their copies. It holds ``_io`` only while it sends and collects, and sleeps without it
+(``loader.wait``), so the lane takes the loader over (``_taken``) at once, with no thread to wake,
+to send its own loads and to wait for them: a load it waits for is never one thread wake-up away.
 """
 
 from __future__ import annotations
@@ -570,7 +570,9 @@ class ExpertCache:
 
     @contextlib.contextmanager
     def _taken(self):
-        """Hold the loader, taken from the I/O thread (a no-op without one)."""
+        """Hold the loader, taken from the I/O thread (a no-op without one). The thread holds
+        it only to send and to collect what is in, never while it sleeps, so this waits for
+        no wake-up."""
         if self._io_thread is None:
             yield
             return
@@ -579,7 +581,6 @@ class ExpertCache:
                 raise LoadError(f"the loader thread stopped: {self._io_error}")
             self._want += 1
         try:
-            self.loader.wake()  # out of its poll, so that it lets go of ``_io``
             with self._io:
                 yield
         finally:
@@ -590,7 +591,9 @@ class ExpertCache:
     def _drive(self) -> None:
         """The I/O thread: send what waits, collect completions and wake the lanes, while no
         lane holds the loader. It runs while the lanes wait on the GPU (MLX lets go of the GIL
-        there), so guesses keep going out and landed loads are copied in that time too."""
+        there), so guesses keep going out and landed loads are copied in that time too. It
+        sleeps without ``_io`` (``loader.wait``), so a lane that sends takes the loader at once
+        rather than waking the thread and waiting for it to let go."""
         try:
             while True:
                 with self._cv:
@@ -601,10 +604,12 @@ class ExpertCache:
                 with self._io:
                     with self._lock:
                         self._pump()
-                    done = self._collect(self.IO_POLL_S, wakeable=True)
+                    done = self._collect(0.0)
                 if done:
                     with self._cv:
                         self._cv.notify_all()
+                else:
+                    self.loader.wait(self.IO_POLL_S)
         except BaseException as e:  # noqa: BLE001 - handed to the lanes, which raise it
             with self._cv:
                 self._io_error = e

@@ -136,12 +136,13 @@ class LoaderPool:
         self._replacing: dict[int, float] = {}  # worker index -> when its death was noticed
         self._last_supervise = time.monotonic()
         self._workers: list[_Worker] = []
-        # ``wake`` (any thread) ends a ``poll(wakeable=True)`` early: a pipe polled beside the
-        # socket, so that the one thread driving the socket hands it over at once.
+        # ``wait`` sleeps on the socket's own file descriptor (signalled when its state may
+        # have changed) and a pipe that ``wake`` (any thread) writes to, without calling into
+        # the socket, so that another thread may use the socket meanwhile.
         self._pipe = WakePipe()
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
-        self._poller.register(self._pipe.fileno(), zmq.POLLIN)
+        self._fd_poller = zmq.Poller()
+        self._fd_poller.register(self._sock.getsockopt(zmq.FD), zmq.POLLIN)
+        self._fd_poller.register(self._pipe.fileno(), zmq.POLLIN)
         self._bells = pool.doorbells()  # see ``poll(spin_s=)``
         try:
             for i in range(workers):
@@ -171,14 +172,14 @@ class LoaderPool:
         if self._bells is not None and slot < len(self._bells):
             self._bells[slot] = 0  # an earlier load's id there must not pass for this one's
         self._dispatch(rid)
+        self._leave_word()
         return rid
 
-    def poll(self, timeout_s: float = 0.0, wakeable: bool = False,
-             spin_s: float = 0.0) -> list[Completion]:
-        """Completions so far, waiting up to ``timeout_s`` for the first one; ``wakeable``:
-        or until another thread calls ``wake``. ``spin_s``: first watch the doorbells of the
-        loads in flight for up to that long, holding the CPU (and the GIL): a load is then
-        seen done the moment its worker rings, without waiting for its reply to wake us."""
+    def poll(self, timeout_s: float = 0.0, spin_s: float = 0.0) -> list[Completion]:
+        """Completions so far, waiting up to ``timeout_s`` for the first one. ``spin_s``:
+        first watch the doorbells of the loads in flight for up to that long, holding the CPU
+        (and the GIL): a load is then seen done the moment its worker rings, without waiting
+        for its reply to wake us."""
         deadline = time.monotonic() + timeout_s
         if spin_s > 0 and self._requests and self._bells is not None:
             self._spin(min(spin_s, timeout_s))
@@ -190,18 +191,27 @@ class LoaderPool:
             if self._done or now >= deadline:
                 break
             wait = max(1, int(min(deadline - now, SUPERVISE_EVERY_S) * 1000))
-            if wakeable:
-                ready = dict(self._poller.poll(wait))
-                if self._pipe.fileno() in ready:
-                    self._pipe.drain()
-                    self._drain()
-                    break
-            else:
-                ready = self._sock.poll(wait, zmq.POLLIN)
-            if not ready:
+            if not self._sock.poll(wait, zmq.POLLIN):
                 self._supervise()
+        self._leave_word()
         out, self._done = self._done, []
         return out
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep until a reply may have come, ``wake`` is called or ``timeout_s`` passes,
+        without calling into the socket: another thread may ``submit`` (or ``poll``) meanwhile,
+        one at a time. The socket's descriptor only signals changes, and a send or a poll may
+        take in a reply that it does not read; each leaves a wake behind for that. So it may
+        also end early, for a reply that another thread has read since: the caller polls,
+        and waits again if nothing came."""
+        ready = dict(self._fd_poller.poll(max(0, int(timeout_s * 1000))))
+        if self._pipe.fileno() in ready:
+            self._pipe.drain()
+
+    def _leave_word(self) -> None:
+        """After using the socket: wake a ``wait`` if a reply is in that nobody read."""
+        if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._pipe.wake()
 
     def _spin(self, limit_s: float) -> None:
         """Watch the doorbells until one rings, a message arrives or ``limit_s`` passes."""
@@ -227,7 +237,7 @@ class LoaderPool:
         self._done.append(Completion(r.req, r.slot, True, r.nbytes))
 
     def wake(self) -> None:
-        """End the current (or the next) ``poll(wakeable=True)``; safe from any thread."""
+        """End the current (or the next) ``wait``; safe from any thread."""
         self._pipe.wake()
 
     def inflight(self) -> int:
@@ -496,23 +506,27 @@ class ThreadLoader:
             self._done.append(c)
             self._cv.notify_all()
 
-    def poll(self, timeout_s: float = 0.0, wakeable: bool = False,
-             spin_s: float = 0.0) -> list[Completion]:
+    def poll(self, timeout_s: float = 0.0, spin_s: float = 0.0) -> list[Completion]:
         """As ``LoaderPool.poll`` (``spin_s`` is ignored: a completion wakes the poll itself)."""
         deadline = time.monotonic() + timeout_s
         with self._cv:
-            while not self._done and not (wakeable and self._woken):
+            while not self._done:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cv.wait(left)
-            if wakeable:
-                self._woken = False
             out, self._done = self._done, []
         return out
 
+    def wait(self, timeout_s: float) -> None:
+        """As ``LoaderPool.wait``: until a completion is in, ``wake`` or ``timeout_s``."""
+        with self._cv:
+            if not self._done and not self._woken:
+                self._cv.wait(timeout_s)
+            self._woken = False
+
     def wake(self) -> None:
-        """End the current (or the next) ``poll(wakeable=True)``; safe from any thread."""
+        """End the current (or the next) ``wait``; safe from any thread."""
         with self._cv:
             self._woken = True
             self._cv.notify_all()

@@ -362,7 +362,7 @@ def test_round_trip_overhead(tmp_path, loader):
 
 
 def test_thread_loader_poll_wakes_and_errors_are_replies(tmp_path, monkeypatch):
-    """``wake`` ends a wakeable poll at once and only a wakeable one; an unexpected error in a
+    """``wake`` ends a ``wait`` at once, and a completion does too; an unexpected error in a
     read thread comes back as a failed load naming the file, and the thread keeps serving."""
     f = tmp_path / "rec.bin"
     f.write_bytes(os.urandom(8192))
@@ -370,9 +370,13 @@ def test_thread_loader_poll_wakes_and_errors_are_replies(tmp_path, monkeypatch):
         t0 = time.monotonic()
         assert tl.poll(0.3) == [] and time.monotonic() - t0 >= 0.25
         tl.wake()
-        assert tl.poll(0.2) == []  # not wakeable: the wake waits for a wakeable poll
+        assert tl.poll(0.2) == []  # a poll does not end on a wake...
         t0 = time.monotonic()
-        assert tl.poll(10.0, wakeable=True) == [] and time.monotonic() - t0 < 1.0
+        tl.wait(10.0)  # ...a wait does, a pending one included
+        assert time.monotonic() - t0 < 1.0
+        tl.submit(0, [[str(f), 0, 8192, 0]])
+        tl.wait(10.0)
+        assert time.monotonic() - t0 < 2.0 and tl.poll(0.0)[0].ok
         real = tl._loader.reader.read
         calls = []
 
@@ -389,3 +393,28 @@ def test_thread_loader_poll_wakes_and_errors_are_replies(tmp_path, monkeypatch):
         assert str(f) in done[bad].error
         assert done[good].ok and bytes(pool.slot(1)[:8192]) == f.read_bytes()
         assert tl.inflight() == 0
+
+
+def test_wait_sleeps_until_a_reply_or_a_wake(tmp_path, loader):
+    """``wait`` sleeps on the socket's descriptor without calling into the socket: it ends
+    when a reply comes in, when another thread wakes it, or at its timeout."""
+    import threading
+
+    f = tmp_path / "rec.bin"
+    f.write_bytes(os.urandom(4096))
+    loader.wait(0.0)  # a wake left by earlier tests ends one wait early, as it may
+    loader.poll(0.0)
+    t0 = time.monotonic()
+    loader.wait(0.3)
+    assert time.monotonic() - t0 >= 0.25  # nothing came
+    rid = loader.submit(0, [[str(f), 0, 4096, 0]])
+    done = {}
+    deadline = time.monotonic() + 10
+    while rid not in done and time.monotonic() < deadline:
+        loader.wait(10.0)
+        done.update((c.req, c) for c in loader.poll(0.0))
+    assert rid in done and done[rid].ok and time.monotonic() < deadline - 5
+    threading.Timer(0.1, loader.wake).start()
+    t0 = time.monotonic()
+    loader.wait(10.0)
+    assert time.monotonic() - t0 < 5
