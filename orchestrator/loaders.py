@@ -536,7 +536,7 @@ class ThreadLoader:
             return len(self._inflight)
 
     def workers_info(self) -> list[dict]:
-        """None: no loader process to report (or to kill)."""
+        """An empty list: no loader process to report (or to kill)."""
         return []
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -547,4 +547,3 @@ class ThreadLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -174,7 +174,7 @@ def test_io_thread_and_doorbells_keep_tokens_exact(models, arch, monkeypatch):
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
 def test_loader_threads_keep_tokens_exact(models, arch, monkeypatch):
     """The coordinator's own loader threads instead of worker processes (with prefetch and the
-    I/O thread, which wakes their poll): same tokens as mlx-lm, no worker process."""
+    I/O thread, which sleeps in their ``wait``): same tokens as mlx-lm, no worker process."""
     from flashmoe.orchestrator.loaders import ThreadLoader
 
     monkeypatch.setenv("FLASHMOE_LOADER", "threads")

@@ -361,7 +361,7 @@ def test_round_trip_overhead(tmp_path, loader):
     assert lat[150] < 0.05
 
 
-def test_thread_loader_poll_wakes_and_errors_are_replies(tmp_path, monkeypatch):
+def test_thread_loader_wait_wakes_and_errors_are_replies(tmp_path, monkeypatch):
     """``wake`` ends a ``wait`` at once, and a completion does too; an unexpected error in a
     read thread comes back as a failed load naming the file, and the thread keeps serving."""
     f = tmp_path / "rec.bin"
@@ -387,8 +387,9 @@ def test_thread_loader_poll_wakes_and_errors_are_replies(tmp_path, monkeypatch):
             return real(buf, p)
         monkeypatch.setattr(tl._loader.reader, "read", read)
         bad = tl.submit(0, [[str(f), 0, 8192, 0]], zlib.crc32(f.read_bytes()))
+        done = wait_all(tl, [bad])  # the first read raises
         good = tl.submit(1, [[str(f), 0, 8192, 0]], zlib.crc32(f.read_bytes()))
-        done = wait_all(tl, [bad, good])
+        done.update(wait_all(tl, [good]))
         assert not done[bad].ok and "RuntimeError: boom" in done[bad].error
         assert str(f) in done[bad].error
         assert done[good].ok and bytes(pool.slot(1)[:8192]) == f.read_bytes()
