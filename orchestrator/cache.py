@@ -566,7 +566,7 @@ class ExpertCache:
             finally:
                 self._io.release()
 
-    IO_POLL_S = 0.05  # the I/O thread's longest poll (it is woken for anything sooner)
+    IO_POLL_S = 0.05  # the I/O thread's longest sleep (a reply or ``close`` wakes it sooner)
 
     @contextlib.contextmanager
     def _taken(self):
@@ -626,9 +626,9 @@ class ExpertCache:
         self.loader.wake()
         t.join(timeout=10)
 
-    def _collect(self, timeout_s: float, **poll) -> bool:
+    def _collect(self, timeout_s: float, spin_s: float = 0.0) -> bool:
         """Poll the loaders (``_io`` held) and complete what landed; whether anything did."""
-        done = self.loader.poll(timeout_s, **poll)
+        done = self.loader.poll(timeout_s, spin_s=spin_s)
         for c in done:
             self._complete(c)
         return bool(done)

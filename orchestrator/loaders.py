@@ -472,7 +472,6 @@ class ThreadLoader:
         if threads < 1:
             raise ValueError(f"need at least one I/O thread, got {threads}")
         self.pool = pool
-        self.threads = threads
         self.direct = io_mode != "buffered"
         self.restarts = 0  # as ``LoaderPool``'s: nothing here is ever restarted
         self.last_restart_s: float | None = None
