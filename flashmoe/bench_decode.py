@@ -61,11 +61,16 @@ def streamed_side(a: dict) -> dict:
         st.profile = a.get("profile", False)
         layer0 = eng.store.moe_layers[0]
         records = eng.store.extents(layer0, 0)[0].path  # where the expert records live
+        replay = _replay(eng, a["guess_trace"]) if a.get("guess_trace") else None
         after_first = None
         for chunk in eng.generate(req):
             if after_first is None:
                 after_first = eng.snapshot()
-                st.trace = [] if a.get("trace_out") else None
+                st.trace = [] if a.get("trace_out") or replay else None
+                if replay is not None:  # recorded from this same point: the calls line up
+                    replay.trace = st.trace
+                    for bank in eng.banks:
+                        bank.replay = replay
                 parts0 = (st.route_s, st.io_wait_s - st.copy_s, st.copy_s, st.expert_s)
                 guesses0 = (st.prefetched, st.prefetch_used)
                 busy0 = busy_ms(records)
@@ -73,7 +78,7 @@ def streamed_side(a: dict) -> dict:
             stats = chunk.stats or {}
         decode_s = time.perf_counter() - t_first
         busy1 = busy_ms(records)
-        if st.trace is not None:
+        if a.get("trace_out"):
             with open(a["trace_out"], "w") as f:
                 for layer, experts in st.trace:
                     f.write(json.dumps({"layer": layer, "experts": experts}) + "\n")
@@ -93,6 +98,8 @@ def streamed_side(a: dict) -> dict:
             needed_bytes_per_token=max(0, decode_bytes - wasted) / decoded,
             guesses_per_token=sent / decoded,
             guesses_used_per_token=used / decoded,
+            prefetch_settings={k: getattr(eng.settings, f"prefetch_{k}")
+                               for k in ("ahead", "top", "late", "depth", "threads")},
             # share of the decode time the disk had a read in flight (None: no counter)
             disk_busy_fraction=(busy1 - busy0) / 1e3 / decode_s
             if busy0 is not None and busy1 is not None else None,
@@ -112,6 +119,35 @@ def streamed_side(a: dict) -> dict:
     finally:
         eng.close()
     return out
+
+
+def read_trace(path: str) -> list[tuple[int, list[int]]]:
+    """A routing trace (``--trace-out``'s JSON lines) as ``(layer, experts)`` per bank call."""
+    calls = []
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise FlashMoeError(f"cannot read routing trace {path}: {e.strerror or e}") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+                calls.append((int(rec["layer"]), [int(e) for e in rec["experts"]]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise FlashMoeError(f"{path}:{n}: not a routing record ({e})") from None
+    if not calls:
+        raise FlashMoeError(f"{path}: no routing records")
+    return calls
+
+
+def _replay(eng, path: str):
+    """The banks' always-right guesses for ``--guess-trace`` (armed after the first token)."""
+    from flashmoe.orchestrator.streamed import RoutingReplay
+
+    if not any(bank.ahead for bank in eng.banks):
+        raise FlashMoeError("--guess-trace replaces the guesses of prefetch, which is off: set "
+                            "prefetch = \"on\" (FLASHMOE_PREFETCH=on)")
+    return RoutingReplay(read_trace(path), [])
 
 
 def _per_token(before: tuple, after: tuple, wall: float, tokens: int) -> dict:
@@ -300,7 +336,8 @@ def run_decode_bench(args) -> int:
              prompt_tokens=args.prompt_tokens, streams=streams,
              experts_per_token=args.experts_per_token, profile=args.profile,
              baseline_model=args.baseline_model,
-             trace_out=os.path.abspath(args.trace_out) if args.trace_out else None)
+             trace_out=os.path.abspath(args.trace_out) if args.trace_out else None,
+             guess_trace=os.path.abspath(args.guess_trace) if args.guess_trace else None)
     cap = parse_size(args.cgroup_cap) if args.cgroup_cap else None
     # The disk is measured before and after the streamed side (a shared disk drifts: 1.31 and
     # 1.52 GB/s were seen minutes apart on one machine); the floor uses the mean of the best.
@@ -311,6 +348,8 @@ def run_decode_bench(args) -> int:
     gbps = sum(disk) / len(disk)
     result = {
         "model": args.model,
+        # guesses replayed from a recorded run: a ceiling for prefetch, not a real run
+        "guess_trace": a["guess_trace"],
         "memory_budget": parse_size(a["budget"]),
         "dtype": a["dtype"],
         "prompt_tokens": args.prompt_tokens,
@@ -352,6 +391,10 @@ def run_decode_bench(args) -> int:
     if s["guesses_per_token"]:
         print(f"prefetch: {s['guesses_per_token']:.1f} guessed records read per token, "
               f"{s['guesses_used_per_token']:.1f} of them used")
+    if a["guess_trace"]:
+        print(f"guesses replayed from {args.guess_trace}: every guess right, a ceiling for "
+              "prefetch, not a real run (prefetch " + ", ".join(
+                  f"{k} {v}" for k, v in s["prefetch_settings"].items()) + ")")
     if cap:
         print(f"cgroup cap {format_size(cap)}, peak use {format_size(s['cgroup_peak_bytes'])}")
     floor = result["io_floor_tokens_per_s"] or 0

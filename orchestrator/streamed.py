@@ -21,6 +21,7 @@ from mlx_lm.models.switch_layers import (
     SwitchMLP,
 )
 
+from flashmoe.errors import ConfigError
 from flashmoe.orchestrator.cache import ExpertCache
 
 BANK_TYPES = (SwitchGLU, SwitchMLP)
@@ -91,6 +92,7 @@ class StreamedBank:
         self.early_top = 0
         self.defer = False  # may return before its loads land (set for all but the last bank)
         self.prefetch_limit = max(1, cache.plan.staging_slots // 2)  # guesses kept per call
+        self.replay: RoutingReplay | None = None  # a benchmark's always-right guesses
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         st = self.cache.stats
@@ -138,7 +140,11 @@ class StreamedBank:
                 if EAGER:
                     mx.async_eval(out)
             if guess is not None:  # read after this layer's own loads
-                keys, early = _best_first(np.array(guess), self.ahead_layers, self.early_top)
+                if self.replay is not None:
+                    keys, early = self.replay.keys(self.ahead_layers)
+                else:
+                    keys, early = _best_first(np.array(guess), self.ahead_layers,
+                                              self.early_top)
                 self.cache.prefetch(keys, limit=self.prefetch_limit, early=early)
             if st.profile:
                 t1 = time.perf_counter()
@@ -211,6 +217,46 @@ class StreamedBank:
             return out
         finally:
             self.cache.release(slots)
+
+
+class RoutingReplay:
+    """Guesses that are always right, for a benchmark: the routing that an earlier run of the
+    same request recorded (``CacheStats.trace``), handed to the banks in place of their
+    routers' guesses. It shows how fast the pipeline streams when it knows what the coming
+    layers need, apart from how well the routers guess it; the tokens are the same either way
+    (guesses never change what is computed).
+
+    ``calls`` are the recorded bank calls, ``(layer, experts)``, in order from where recording
+    began; ``trace`` is this run's own record, begun at the same point, so the call being made
+    is its last entry. A run that departs from the recording raises ``ConfigError``."""
+
+    def __init__(self, calls: list[tuple[int, list[int]]], trace: list):
+        self.calls = [(int(layer), [int(e) for e in experts]) for layer, experts in calls]
+        self.trace = trace
+
+    def keys(self, layers: list[int]) -> tuple[list[tuple[int, int]], int]:
+        """The recorded experts of the coming ``layers`` (this forward pass only), nearest
+        layer first, and how many of them are the nearest layer's (``_best_first``'s form)."""
+        i = len(self.trace) - 1
+        if i < 0:
+            raise ConfigError("the routing replay began before this run's record of it")
+        layer, experts = self.trace[-1]
+        if i >= len(self.calls):
+            raise ConfigError(f"the routing replayed ends after {len(self.calls)} bank calls; "
+                              "this run makes more: record as many tokens as it generates")
+        if (int(layer), [int(e) for e in experts]) != self.calls[i]:
+            raise ConfigError(
+                f"the routing replayed departs from this run at bank call {i + 1} (layer "
+                f"{layer}): record it from the same model, prompt, dtype and settings")
+        keys: list[tuple[int, int]] = []
+        nearest = 0
+        for j, coming in enumerate(layers, 1):
+            if i + j >= len(self.calls) or self.calls[i + j][0] != coming:
+                break  # the recording ends, or the next forward pass begins
+            keys += [(coming, e) for e in self.calls[i + j][1]]
+            if j == 1:
+                nearest = len(keys)
+        return keys, nearest
 
 
 def _best_first(guess: np.ndarray, layers: list[int],

@@ -49,6 +49,73 @@ def test_bench_decode_json(tmp_path):
     assert set(r["streamed"]["profile"]) >= {"io_wait", "expert_compute", "dense_and_routing"}
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
     assert lines and all({"layer", "experts"} <= set(x) for x in lines)
+    assert r["guess_trace"] is None
+
+    # The same run with its recorded routing as the guesses: every guess read is used.
+    out = subprocess.run(
+        [sys.executable, "-m", "flashmoe.cli", "bench", "decode", "--model", str(model),
+         "--memory-budget", "400KiB", "--tokens", "6", "--prompt-tokens", "5",
+         "--guess-trace", str(trace), "--json"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "FLASHMOE_PREFETCH": "on", "FLASHMOE_PREFETCH_AHEAD": "2"},
+    )
+    assert out.returncode == 0, out.stderr
+    g = json.loads(out.stdout)
+    assert g["guess_trace"] == str(trace)
+    assert g["streamed"]["prefetch_settings"]["ahead"] == 2
+    assert g["guesses_per_token"] > 0
+    assert g["guesses_used_per_token"] == g["guesses_per_token"]
+    assert g["needed_bytes_per_token"] == g["bytes_per_token"]
+
+
+def test_routing_replay_guesses_the_recorded_layers_and_stops_where_the_run_departs():
+    from flashmoe.errors import ConfigError
+    from flashmoe.orchestrator.streamed import RoutingReplay
+
+    calls = [(0, [1, 2]), (1, [3]), (2, [4, 5]), (0, [6]), (1, [7]), (2, [0])]
+    trace: list = []
+    replay = RoutingReplay(calls, trace)
+    trace.append((0, [1, 2]))
+    assert replay.keys([1, 2]) == ([(1, 3), (2, 4), (2, 5)], 1)
+    trace.append((1, [3]))
+    # the next forward pass (layer 0 again) is not guessed from this one
+    assert replay.keys([2, 3]) == ([(2, 4), (2, 5)], 2)
+    trace.append((2, [4, 5]))
+    trace.append((0, [6]))
+    assert replay.keys([1]) == ([(1, 7)], 1)
+    trace.append((1, [7, 8]))  # this run routed differently from the recording
+    with pytest.raises(ConfigError, match="departs from this run at bank call 5 .layer 1."):
+        replay.keys([2])
+    trace[-1] = (1, [7])
+    trace.append((2, [0]))
+    assert replay.keys([3]) == ([], 0)  # the recording ends here
+    trace.append((0, [1]))
+    with pytest.raises(ConfigError, match="ends after 6 bank calls"):
+        replay.keys([1])
+
+
+def test_guess_trace_errors_are_clear(tmp_path):
+    from types import SimpleNamespace
+
+    from flashmoe.bench_decode import _replay, read_trace
+    from flashmoe.errors import FlashMoeError
+
+    with pytest.raises(FlashMoeError, match="cannot read routing trace"):
+        read_trace(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"layer": 0, "experts": [1]}\n{"layer": 1}\n')
+    with pytest.raises(FlashMoeError, match=r"bad.jsonl:2: not a routing record"):
+        read_trace(str(bad))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(FlashMoeError, match="no routing records"):
+        read_trace(str(empty))
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"layer": 0, "experts": [1, 2]}\n')
+    assert read_trace(str(good)) == [(0, [1, 2])]
+    no_prefetch = SimpleNamespace(banks=[SimpleNamespace(ahead=[])])
+    with pytest.raises(FlashMoeError, match="prefetch, which is off"):
+        _replay(no_prefetch, str(good))
 
 
 def test_busy_ms_counts_the_disk_of_a_path(tmp_path):
