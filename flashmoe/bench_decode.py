@@ -82,6 +82,9 @@ def streamed_side(a: dict) -> dict:
             with open(a["trace_out"], "w") as f:
                 for layer, experts in st.trace:
                     f.write(json.dumps({"layer": layer, "experts": experts}) + "\n")
+        st.trace = None  # the one stream's record ends here: concurrent streams guess as usual
+        for bank in eng.banks:
+            bank.replay = None
         parts1 = (st.route_s, st.io_wait_s - st.copy_s, st.copy_s, st.expert_s)
         decoded = max(stats["generation_tokens"] - 1, 1)
         decode_bytes = eng.cache.stats.bytes_read - after_first[2]

@@ -55,7 +55,7 @@ def test_bench_decode_json(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "flashmoe.cli", "bench", "decode", "--model", str(model),
          "--memory-budget", "400KiB", "--tokens", "6", "--prompt-tokens", "5",
-         "--guess-trace", str(trace), "--json"],
+         "--streams", "2", "--guess-trace", str(trace), "--json"],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "FLASHMOE_PREFETCH": "on", "FLASHMOE_PREFETCH_AHEAD": "2"},
     )
@@ -66,6 +66,7 @@ def test_bench_decode_json(tmp_path):
     assert g["guesses_per_token"] > 0
     assert g["guesses_used_per_token"] == g["guesses_per_token"]
     assert g["needed_bytes_per_token"] == g["bytes_per_token"]
+    assert g["aggregate_tokens_per_s"]["2"] > 0  # two streams ran after the replayed one
 
 
 def test_routing_replay_guesses_the_recorded_layers_and_stops_where_the_run_departs():
