@@ -124,25 +124,6 @@ def streamed_side(a: dict) -> dict:
     return out
 
 
-def read_trace(path: str) -> list[tuple[int, list[int]]]:
-    """A routing trace (``--trace-out``'s JSON lines) as ``(layer, experts)`` per bank call."""
-    calls = []
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise FlashMoeError(f"cannot read routing trace {path}: {e.strerror or e}") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-                calls.append((int(rec["layer"]), [int(e) for e in rec["experts"]]))
-            except (ValueError, KeyError, TypeError) as e:
-                raise FlashMoeError(f"{path}:{n}: not a routing record ({e})") from None
-    if not calls:
-        raise FlashMoeError(f"{path}: no routing records")
-    return calls
-
-
 def _replay(eng, path: str):
     """The banks' always-right guesses for ``--guess-trace`` (armed after the first token)."""
     from flashmoe.orchestrator.streamed import RoutingReplay
@@ -150,6 +131,8 @@ def _replay(eng, path: str):
     if not any(bank.ahead for bank in eng.banks):
         raise FlashMoeError("--guess-trace replaces the guesses of prefetch, which is off: set "
                             "prefetch = \"on\" (FLASHMOE_PREFETCH=on)")
+    from flashmoe.bench_io import read_trace
+
     return RoutingReplay(read_trace(path), [])
 
 

@@ -42,18 +42,28 @@ def drop_page_cache() -> bool:
         return False
 
 
+def read_trace(path: str) -> list[tuple[int, list[int]]]:
+    """A routing trace (``--trace-out``'s JSON lines) as ``(layer, experts)`` per bank call."""
+    calls = []
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise FlashMoeError(f"cannot read routing trace {path}: {e.strerror or e}") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+                calls.append((int(rec["layer"]), [int(e) for e in rec["experts"]]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise FlashMoeError(f"{path}:{n}: not a routing record ({e})") from None
+    if not calls:
+        raise FlashMoeError(f"{path}: no routing records")
+    return calls
+
+
 def _keys(store: Any, trace: str | None, seed: int = 0) -> Iterator[tuple[int, int]]:
     if trace:
-        seq = []
-        for n, line in enumerate(Path(trace).read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                    seq += [(int(rec["layer"]), int(e)) for e in rec["experts"]]
-                except (ValueError, KeyError, TypeError) as e:
-                    raise FlashMoeError(f"{trace}:{n}: not a routing record ({e})") from None
-        if not seq:
-            raise FlashMoeError(f"{trace}: no routing records")
+        seq = [(layer, e) for layer, experts in read_trace(trace) for e in experts]
         while True:
             yield from seq
     rng = random.Random(seed)

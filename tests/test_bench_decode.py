@@ -98,7 +98,8 @@ def test_routing_replay_guesses_the_recorded_layers_and_stops_where_the_run_depa
 def test_guess_trace_errors_are_clear(tmp_path):
     from types import SimpleNamespace
 
-    from flashmoe.bench_decode import _replay, read_trace
+    from flashmoe.bench_decode import _replay
+    from flashmoe.bench_io import read_trace
     from flashmoe.errors import FlashMoeError
 
     with pytest.raises(FlashMoeError, match="cannot read routing trace"):
