@@ -126,13 +126,12 @@ def streamed_side(a: dict) -> dict:
 
 def _replay(eng, path: str):
     """The banks' always-right guesses for ``--guess-trace`` (armed after the first token)."""
+    from flashmoe.bench_io import read_trace
     from flashmoe.orchestrator.streamed import RoutingReplay
 
     if not any(bank.ahead for bank in eng.banks):
         raise FlashMoeError("--guess-trace replaces the guesses of prefetch, which is off: set "
                             "prefetch = \"on\" (FLASHMOE_PREFETCH=on)")
-    from flashmoe.bench_io import read_trace
-
     return RoutingReplay(read_trace(path), [])
 
 
