@@ -1,4 +1,4 @@
-"""``flashmoe bench decode`` end to end on a tiny model: both sides, streams, trace, JSON keys."""
+"""``flashmoe bench decode`` end to end on a tiny model: both sides, streams, traces, replay."""
 
 from __future__ import annotations
 
