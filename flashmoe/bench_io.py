@@ -180,7 +180,7 @@ def one_at_a_time(
     import zlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from flashmoe.orchestrator.loaders import ThreadLoader
+    from flashmoe.orchestrator.loaders import ThreadLoader, extent_list
     from flashmoe.store import RECORD_ALIGN
     from flashmoe.workers.crc import crc_of_pieces
     from flashmoe.workers.loader import PieceReader, chunk_for, plan
@@ -222,7 +222,7 @@ def one_at_a_time(
                     loader_s.append(through(lp))
                     threads_s.append(through(tl))
                     layer, e = next(keys)
-                    ext = [[x.path, x.offset, x.length, x.dest] for x in store.extents(layer, e)]
+                    ext = extent_list(store.extents(layer, e))
                     step = chunk_for(sum(x[2] for x in ext), threads, chunk_bytes)  # all idle
                     pieces = plan(ext, size, direct, step)
                     t0 = time.perf_counter()

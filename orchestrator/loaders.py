@@ -85,7 +85,9 @@ class _Worker:
         return str(self.wid).encode()
 
 
-def _extent_list(extents: Any) -> list[list]:
+def extent_list(extents: Any) -> list[list]:
+    """Extents (``store.Extent``s or lists) as the ``[path, offset, length, dest]`` lists that
+    loaders read."""
     out = []
     for e in extents:
         if isinstance(e, (list, tuple)):
@@ -166,7 +168,7 @@ class LoaderPool:
         """
         rid = next(self._reqs)
         d = self.direct if direct is None else bool(direct)
-        ext = _extent_list(extents)
+        ext = extent_list(extents)
         self._requests[rid] = _Request(rid, slot, ext, checksum, d, bool(urgent),
                                        max((e[3] + e[2] for e in ext), default=0))
         if self._bells is not None and slot < len(self._bells):
@@ -491,7 +493,7 @@ class ThreadLoader:
         d = self.direct if direct is None else bool(direct)
         with self._cv:
             self._inflight.add(rid)
-        self._loader.submit(LoadRequest(rid, 0, slot, _extent_list(extents), checksum, d,
+        self._loader.submit(LoadRequest(rid, 0, slot, extent_list(extents), checksum, d,
                                         bool(urgent)))
         return rid
 

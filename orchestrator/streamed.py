@@ -231,7 +231,7 @@ class RoutingReplay:
     is its last entry. A run that departs from the recording raises ``ConfigError``."""
 
     def __init__(self, calls: list[tuple[int, list[int]]], trace: list):
-        self.calls = [(int(layer), [int(e) for e in experts]) for layer, experts in calls]
+        self.calls = calls
         self.trace = trace
 
     def keys(self, layers: list[int]) -> tuple[list[tuple[int, int]], int]:
@@ -240,14 +240,14 @@ class RoutingReplay:
         i = len(self.trace) - 1
         if i < 0:
             raise ConfigError("the routing replay began before this run's record of it")
-        layer, experts = self.trace[-1]
         if i >= len(self.calls):
             raise ConfigError(f"the routing replayed ends after {len(self.calls)} bank calls; "
                               "this run makes more: record as many tokens as it generates")
-        if (int(layer), [int(e) for e in experts]) != self.calls[i]:
+        if tuple(self.trace[-1]) != tuple(self.calls[i]):
             raise ConfigError(
                 f"the routing replayed departs from this run at bank call {i + 1} (layer "
-                f"{layer}): record it from the same model, prompt, dtype and settings")
+                f"{self.trace[-1][0]}): record it from the same model, prompt, dtype and "
+                "settings")
         keys: list[tuple[int, int]] = []
         nearest = 0
         for j, coming in enumerate(layers, 1):
