@@ -64,7 +64,6 @@ class Settings:
     prefetch_depth: int = 2
     prefetch_ahead: int = 1
     prefetch_threads: int = 0
-    io_thread: str = "auto"
     io_spin_us: int = 0
     lanes: str = "auto"
     load_timeout_s: float = 30.0

@@ -12,40 +12,35 @@ on the way) and frees the staging slot. On the CPU backend MLX cannot wrap share
 without a copy, so this one copy per *miss* is the cheapest honest path: it replaces a copy per
 *use*.
 
-Writing into an MLX array's buffer is safe here because a slot is overwritten only once it is
-unpinned, and a bank unpins its slots only when no pending computation reads them: with one
-thread of compute, every write happens after the host has synchronised on the current layer's
-routing, which depends on every earlier read of the cache; with several compute lanes
-(``shared=True``) each lane keeps its pins until its own next routing sync (``unpin``). A bank
-may also hand on its output before its own loads land (``defer``): the next bank ``settle``s
-them (their copies included) before it evaluates anything. Prefetched guesses go to unpinned
-(already computed) slots and are never waited for unless asked for.
+The rule that makes writing into an MLX array's buffer safe on every backend: no slot is
+overwritten (by a fill, a device copy or a load landing) while a queued or running kernel may still
+read it. A bank's pins outlive the bank call: ``unpin`` hands them to the lane, which releases them
+after its next routing sync (``release_deferred``), a host sync that depends on every earlier read
+of the cache by that lane; only then can the slot be evicted and refilled. A bank may also hand on
+its output before its own loads land (``defer``): the next bank ``settle``s them (their copies
+included) before it evaluates anything. Guesses (prefetch) go only into free or evictable slots,
+which by the rule no pending kernel reads, and are never waited for unless asked for.
 
 Prefetch fills the disk's idle time: once a layer's own loads have landed, the disk would idle
 while the host computes that layer and routes the next one. A bank's guesses for the coming
 layers are candidates, best first: ``_pump`` sends them once every demanded load has been sent,
-at most ``prefetch_depth`` at a time, and sends the next as one lands; late guesses (the next
-layer's beyond its router's best few, and those for layers further on) go only while no demanded
-load is being read. Loaders read guesses as not urgent, behind any demanded piece. The lane's
-next ``begin`` drops the candidates not sent yet, so a wrong guess that was never sent costs
-nothing, not even an eviction; a sent one stays pinned until the lane begins the layer it was
-made for.
+at most ``prefetch_depth`` at a time (and never more than half the staging slots, so demanded
+loads always find staging), and sends the next as one lands; late guesses (the next layer's beyond
+its router's best few, and those for layers further on) go only while no demanded load is being
+read. Loaders read guesses as not urgent, behind any demanded piece. The lane's next ``begin``
+drops the candidates not sent yet, so a wrong guess that was never sent costs nothing, not even an
+eviction; a sent one stays pinned until the lane begins the layer it was made for. Guesses yield:
+when a demanded load finds every slot pinned or loading, a guess that nobody asked for gives up its
+slot (a load still in flight is then stale and its bytes are dropped when they land).
 
 Thread safety (``shared=True``): the slot table, the pending loads and the staging slots are
 guarded by one lock; the loader pool's socket is used by one thread at a time, the one that
 holds ``_io`` (leader), which submits every lane's queued loads, collects completions for all
 of them and wakes the others (followers), who wait on a condition.
-
-With ``io_thread`` (one lane), a coordinator thread drives the loader whenever the lane does not
-(``_drive``): while the lane builds graphs or waits on the GPU it sends guesses, collects loads
-and queues their copies. It holds ``_io`` only while it sends and collects, and sleeps without it
-(``loader.wait``), so the lane takes the loader over (``_taken``) at once, with no thread to wake,
-to send its own loads and to wait for them: a load it waits for is never one thread wake-up away.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Iterable
@@ -56,7 +51,7 @@ import numpy as np
 from mlx_lm.generate import generation_stream
 
 from flashmoe.errors import BudgetError, LoadError
-from flashmoe.orchestrator.slots import LOADING, READY, SlotTable
+from flashmoe.orchestrator.slots import LOADING, READY, PoolExhausted, SlotTable
 from flashmoe.store import RECORD_ALIGN, RecordLayout, TensorSpec
 
 _MX = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32,
@@ -97,7 +92,8 @@ def plan_pool(budget: int, layout: RecordLayout, compute: mx.Dtype, top_k: int,
               max_slot_array_bytes: int | None = None, total_experts: int | None = None
               ) -> PoolPlan:
     """Split ``budget`` bytes: at least ``top_k`` cache slots (one layer of one token), and up
-    to ``parallel_reads`` staging slots so the loaders can keep their I/O queues full.
+    to ``parallel_reads`` staging slots (at least two where they fit) so the loaders can keep
+    their I/O queues full.
     ``max_slot_array_bytes`` caps the cache slots so that no cache array is larger; no more
     slots than ``total_experts`` (every expert of the model) are ever planned."""
     rec = cache_record_bytes(layout, compute)
@@ -109,7 +105,10 @@ def plan_pool(budget: int, layout: RecordLayout, compute: mx.Dtype, top_k: int,
             f"least {minimum} bytes ({top_k} x {rec} cached + one {stage}-byte staging slot); "
             f"use --memory-budget {minimum} or more"
         )
-    nstage = max(1, min(parallel_reads, num_experts, (budget - top_k * rec) // stage // 4))
+    room = (budget - top_k * rec) // stage
+    # two staging slots where they fit: a guess then never holds the only one a demanded load needs
+    nstage = max(1, min(2, parallel_reads, num_experts, room),
+                 min(parallel_reads, num_experts, room // 4))
     ncache = min((budget - nstage * stage) // rec, total_experts or 0x7FFFFFFF)
     if max_slot_array_bytes is not None:
         largest = max(int(np.prod(t.shape)) * cache_dtype(t, compute).size
@@ -193,7 +192,7 @@ class ExpertCache:
 
     def __init__(self, layout: RecordLayout, plan: PoolPlan, compute: mx.Dtype, loader, pool,
                  store, load_timeout_s: float = 60.0, copier=None, shared: bool = False,
-                 prefetch_depth: int = 2, io_thread: bool = False, spin_s: float = 0.0):
+                 prefetch_depth: int = 2, spin_s: float = 0.0):
         self.layout = layout
         self.plan = plan
         self.compute = compute
@@ -226,31 +225,23 @@ class ExpertCache:
         self._staging_views = [pool.tensor_views(i, layout) for i in range(plan.staging_slots)]
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
-        # held by the one thread that talks to the loader pool (re-entrant: a lane that took it
-        # from the I/O thread leads its wait with it)
-        self._io = threading.RLock()
+        self._io = threading.Lock()  # held by the one thread that talks to the loader pool
         self.spin_s = max(0.0, float(spin_s))  # a waiting leader watches doorbells this long
         self._why: dict[tuple[int, int], str] = {}  # (layer, expert) -> why its last load failed
         self._local = threading.local()  # per lane: its deferred pins and loads
         self._guessed: dict[tuple[int, int], None] = {}  # prefetched, not asked for yet
+        self._filling: set[int] = set()  # slots a landed load is being copied into
+        # Guessed loads in flight at once: at most half the staging slots, so that a demanded
+        # load never waits for staging that guesses hold (one staging slot: no guesses).
+        self.prefetch_depth = min(max(1, int(prefetch_depth)), plan.staging_slots // 2)
         # Prefetch, per lane (thread id): guesses not sent yet (best first), the guessed loads
         # it sent, as (layer guessed, load), each pinned until the lane begins that layer, and
         # the last layer the lane began.
-        self.prefetch_depth = max(1, int(prefetch_depth))  # guessed loads in flight at once
         self._cands: dict[int, list[tuple[tuple[int, int], bool]]] = {}  # (key, early)
         self._guesses: dict[int, list[tuple[int, Pending]]] = {}
         self._at: dict[int, int] = {}
         self._guessing = 0  # guessed loads in flight
         self._demanding = 0  # demanded loads in flight
-        # With ``io_thread``: a thread drives the loader whenever no lane does (``_drive``).
-        self._want = 0  # lanes waiting to take the loader from the I/O thread
-        self._stopping = False
-        self._io_error: BaseException | None = None
-        self._io_thread: threading.Thread | None = None
-        if io_thread:
-            self._io_thread = threading.Thread(target=self._drive, name="flashmoe-io",
-                                               daemon=True)
-            self._io_thread.start()
 
     @property
     def nslots(self) -> int:
@@ -280,7 +271,7 @@ class ExpertCache:
             try:
                 for e in experts:
                     key = (layer, int(e))
-                    slot, status = self.table.acquire(key)
+                    slot, status = self._acquire_demanded(key)
                     slots.append(slot)
                     hit.append(status == "hit")
                     if status == "miss":
@@ -314,6 +305,35 @@ class ExpertCache:
             self._kick()
         return p
 
+    def _acquire_demanded(self, key: tuple[int, int]) -> tuple[int, str]:
+        """``table.acquire`` for a demanded expert: when every slot is pinned or loading, guesses
+        that nobody asked for give up their slots, one at a time (lock held)."""
+        while True:
+            try:
+                return self.table.acquire(key)
+            except PoolExhausted:
+                if not self._yield_guess():
+                    raise
+
+    def _yield_guess(self) -> bool:
+        """Give up the slot of one sent guess that only its guess pins (nobody asked for it,
+        no landed bytes are being copied into it): a load in flight is cancelled (its bytes are
+        dropped when they land), a landed one becomes the first to evict. Whether one did."""
+        for lane, guesses in self._guesses.items():
+            for i, (_layer, p) in enumerate(guesses):
+                slot = int(p.slots[0])
+                if self.table.pins(slot) != 1 or slot in self._filling:
+                    continue
+                del guesses[i]
+                if not guesses:
+                    del self._guesses[lane]
+                self._guessed.pop(self.table.key_of(slot), None)
+                if self.table.state(slot) == LOADING:  # in flight: what lands is stale
+                    self.table.failed(slot, self.table.generation(slot), cancelled=True)
+                self.table.release(slot, cold=True)
+                return True
+        return False
+
     def finish(self, p: Pending) -> None:
         """Wait for every load of ``p``; raise ``LoadError`` if one failed. The caller still
         holds the pins of ``p.slots`` either way and releases them."""
@@ -332,8 +352,8 @@ class ExpertCache:
             self.stats.io_wait_s += time.perf_counter() - t0
         if p.error is not None:
             raise LoadError(p.error)
-        if self._cands and self._io_thread is None:  # guesses held back while this layer's
-            self._kick()  # loads waited for staging (the I/O thread sends them by itself)
+        if self._cands:  # guesses held back while this layer's loads waited for staging
+            self._kick()
 
     def progress(self, p: Pending) -> list[int]:
         """Wait until one more of ``p``'s own loads has landed (or none is left to wait for);
@@ -357,10 +377,6 @@ class ExpertCache:
         with self._lock:
             if self._settled(p) or enough():
                 return
-        with self._taken():  # from the I/O thread, if any: a waiting lane leads
-            self._wait_leading(p, enough, deadline)
-
-    def _wait_leading(self, p: Pending, enough, deadline: float) -> None:
         while True:
             with self._lock:
                 if self._settled(p) or enough():
@@ -425,13 +441,7 @@ class ExpertCache:
         return n
 
     def _kick(self) -> None:
-        """Send what waits to be sent, unless another thread drives the loader. With the I/O
-        thread, take the loader from it for the time of the sends: it would get the GIL only
-        once this thread lets go of it (up to the interpreter's switch interval)."""
-        if self._io_thread is not None:
-            with self._taken(), self._lock:
-                self._pump()
-            return
+        """Send what waits to be sent, unless another thread drives the loader."""
         if self._io.acquire(blocking=False):
             try:
                 with self._lock:
@@ -504,13 +514,9 @@ class ExpertCache:
                 self._cv.notify_all()
 
     def unpin(self, slots: np.ndarray) -> None:
-        """A bank is done building its (lazy) output from ``slots``. Alone, it releases them at
-        once: nothing can overwrite them before its next routing sync. With other lanes, the
-        pins stay until this lane's next sync (``release_deferred``): another lane must not
-        reuse a slot that a queued kernel of this one still reads."""
-        if not self.shared:
-            self.release(slots)
-            return
+        """A bank is done building its (lazy) output from ``slots``: the pins stay until this
+        lane's next routing sync (``release_deferred``), since a queued or lazy kernel of this
+        lane may still read them; only then may a load or a guess overwrite them."""
         held = getattr(self._local, "held", None)
         if held is None:
             held = self._local.held = []
@@ -557,74 +563,15 @@ class ExpertCache:
 
     def tend(self) -> None:
         """While the engine idles: let the loader pool supervise its workers (a dead one is
-        replaced now, not at the next load) and collect anything that arrived."""
-        if self._io_thread is not None:
-            return  # it does so all the time
+        replaced now, not at the next load), collect anything that arrived and send what
+        waits."""
         if self._io.acquire(blocking=False):
             try:
                 self._collect(0.0)
+                with self._lock:
+                    self._pump()
             finally:
                 self._io.release()
-
-    IO_POLL_S = 0.05  # the I/O thread's longest sleep (a reply or ``close`` wakes it sooner)
-
-    @contextlib.contextmanager
-    def _taken(self):
-        """Hold the loader, taken from the I/O thread (a no-op without one). The thread holds
-        it only to send and to collect what is in, never while it sleeps, so this waits for
-        no wake-up."""
-        if self._io_thread is None:
-            yield
-            return
-        with self._lock:
-            if self._io_error is not None:
-                raise LoadError(f"the loader thread stopped: {self._io_error}")
-            self._want += 1
-        try:
-            with self._io:
-                yield
-        finally:
-            with self._cv:
-                self._want -= 1
-                self._cv.notify_all()
-
-    def _drive(self) -> None:
-        """The I/O thread: send what waits, collect completions and wake the lanes, while no
-        lane holds the loader. It runs while the lanes wait on the GPU (MLX lets go of the GIL
-        there), so guesses keep going out and landed loads are copied in that time too. It
-        sleeps without ``_io`` (``loader.wait``), so a lane that sends takes the loader at once
-        rather than waking the thread and waiting for it to let go."""
-        try:
-            while True:
-                with self._cv:
-                    while self._want and not self._stopping:
-                        self._cv.wait(self.IO_POLL_S)
-                    if self._stopping:
-                        return
-                with self._io:
-                    with self._lock:
-                        self._pump()
-                    done = self._collect(0.0)
-                if done:
-                    with self._cv:
-                        self._cv.notify_all()
-                else:
-                    self.loader.wait(self.IO_POLL_S)
-        except BaseException as e:  # noqa: BLE001 - handed to the lanes, which raise it
-            with self._cv:
-                self._io_error = e
-                self._cv.notify_all()
-
-    def close(self) -> None:
-        """Stop the I/O thread (before the loader pool closes)."""
-        t = self._io_thread
-        if t is None:
-            return
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        self.loader.wake()
-        t.join(timeout=10)
 
     def _collect(self, timeout_s: float, spin_s: float = 0.0) -> bool:
         """Poll the loaders (``_io`` held) and complete what landed; whether anything did."""
@@ -670,19 +617,26 @@ class ExpertCache:
                 self._guessing -= 1
             else:
                 self._demanding -= 1
-            ok = c.ok  # good bytes are kept even if another load of ``p`` failed: other
-            # lanes may be waiting for this expert
+            # a guess that gave up its slot to a demanded load: its bytes are stale
+            current = self.table.state(slot) == LOADING and self.table.generation(slot) == gen
+            # good bytes are kept even if another load of ``p`` failed: other lanes may be
+            # waiting for this expert
+            ok = c.ok and current
             if ok and self.copier is not None:
                 t1 = time.perf_counter()
                 self.copier.fill(slot, stage)  # queued: synced before any compute reads it
                 self._copying.append(stage)
                 self.stats.copy_s += time.perf_counter() - t1
-        if ok and self.copier is None:  # the slot is LOADING and pinned: nobody else
-            t1 = time.perf_counter()  # touches its bytes
-            self._fill(slot, stage)
-            copy_s = time.perf_counter() - t1
-            with self._lock:
-                self.stats.copy_s += copy_s
+            elif ok:
+                self._filling.add(slot)  # no guess may give it up while it is being filled
+        if ok and self.copier is None:  # LOADING and pinned: nobody else touches its bytes
+            t1 = time.perf_counter()
+            try:
+                self._fill(slot, stage)
+            finally:
+                with self._lock:
+                    self._filling.discard(slot)
+                    self.stats.copy_s += time.perf_counter() - t1
         with self._lock:
             del p.inflight[c.req]
             if ok:
@@ -690,7 +644,7 @@ class ExpertCache:
                 self.table.loaded(slot, gen, cold=p.guess)
                 self._why.pop((layer, e), None)
                 p.landed.append(slot)
-            else:
+            elif current:
                 self.table.failed(slot, gen)
                 why = f"layer {layer} expert {e}: {c.error}"
                 if len(self._why) >= 4096:

@@ -202,12 +202,10 @@ class Engine:
             self.loader = make_loader(s, self.pool)
             self.lanes = resolve_lanes(s.lanes, self.plan.cache_slots, self.store.num_experts)
             prefetch = resolve_prefetch(s.prefetch)
-            io_thread = resolve_switch(s.io_thread, "io_thread", prefetch)
             self.cache = ExpertCache(self.store.layout, self.plan, self.compute_dtype,
                                      self.loader, self.pool, self.store,
                                      load_timeout_s=4 * s.load_timeout_s,
                                      shared=self.lanes > 1, prefetch_depth=s.prefetch_depth,
-                                     io_thread=io_thread and self.lanes == 1,
                                      spin_s=s.io_spin_us / 1e6)
             self.cache.copier = make_copier(self.cache, self.pool)  # None unless on CUDA
             override = _config_override(self.store.config, experts_per_token)
@@ -412,9 +410,6 @@ class Engine:
         self._shutdown_io()
 
     def _shutdown_io(self) -> None:
-        cache = getattr(self, "cache", None)
-        if cache is not None:
-            cache.close()  # its I/O thread, before the loader it drives
         loader = getattr(self, "loader", None)
         if loader is not None:
             loader.close()

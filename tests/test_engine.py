@@ -150,37 +150,29 @@ def test_prefetch_keeps_tokens_exact(models, arch, monkeypatch):
     assert got == want
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe"])
-def test_io_thread_and_doorbells_keep_tokens_exact(models, arch, monkeypatch):
-    """The I/O thread drives the loaders while the lane computes, and the lane spins on the
-    doorbells while it waits: same tokens as mlx-lm, and the thread ends with the engine."""
+def test_doorbells_keep_tokens_exact(models, monkeypatch):
+    """The lane spins on the doorbells while it waits: same tokens as mlx-lm."""
     monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
-    monkeypatch.setenv("FLASHMOE_IO_THREAD", "on")
     monkeypatch.setenv("FLASHMOE_IO_SPIN_US", "3000")
-    monkeypatch.setenv("FLASHMOE_LANES", "1")  # the I/O thread serves a single lane
-    path = models[(arch, "mlx")]
+    path = models[("qwen3_moe", "mlx")]
     want = reference_ids(path, PROMPT, N_TOKENS)
     with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
-        thread = eng.cache._io_thread
-        assert thread is not None and thread.is_alive() and eng.cache.spin_s == 0.003
+        assert eng.cache.spin_s == 0.003
         got = [t for c in eng.generate(GenRequest(id="t", prompt=PROMPT, max_tokens=N_TOKENS))
                for t in c.token_ids]
         st = eng.cache.stats
         assert st.misses > 0 and st.prefetched > 0
     assert got == want
-    assert not thread.is_alive()
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
 def test_loader_threads_keep_tokens_exact(models, arch, monkeypatch):
-    """The coordinator's own loader threads instead of worker processes (with prefetch and the
-    I/O thread, which sleeps in their ``wait``): same tokens as mlx-lm, no worker process."""
+    """The coordinator's own loader threads instead of worker processes (with prefetch): same
+    tokens as mlx-lm, no worker process."""
     from flashmoe.orchestrator.loaders import ThreadLoader
 
     monkeypatch.setenv("FLASHMOE_LOADER", "threads")
     monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
-    monkeypatch.setenv("FLASHMOE_IO_THREAD", "on")
-    monkeypatch.setenv("FLASHMOE_LANES", "1")
     path = models[(arch, "mlx")]
     want = reference_ids(path, PROMPT, N_TOKENS)
     with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
@@ -200,22 +192,6 @@ def test_loader_setting(models, monkeypatch):
     monkeypatch.setenv("FLASHMOE_LOADER", "fibers")
     with pytest.raises(ConfigError, match="setting loader: expected auto, processes or threads"):
         Engine(str(models[("qwen3_moe", "mlx")]), dtype="float32")
-
-
-def test_io_thread_setting(models, monkeypatch):
-    from flashmoe.configs import ConfigError
-
-    path = models[("qwen3_moe", "mlx")]
-    monkeypatch.setenv("FLASHMOE_LANES", "1")  # the I/O thread serves a single lane
-    for prefetch, io_thread, want in [("on", "auto", True), ("off", "auto", False),
-                                      ("on", "off", False), ("off", "on", True)]:
-        monkeypatch.setenv("FLASHMOE_PREFETCH", prefetch)
-        monkeypatch.setenv("FLASHMOE_IO_THREAD", io_thread)
-        with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
-            assert (eng.cache._io_thread is not None) is want, (prefetch, io_thread)
-    monkeypatch.setenv("FLASHMOE_IO_THREAD", "sometimes")
-    with pytest.raises(ConfigError, match="io_thread"):
-        Engine(str(path), memory_budget=quarter_budget(path), dtype="float32")
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])  # logits / (indices, scores)

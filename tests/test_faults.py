@@ -73,24 +73,21 @@ def only_in_first(model: Path) -> tuple[int, int]:
 # -- 1. killed loader workers ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("io_thread", [False, True], ids=["lane-drives", "io-thread"])
-def test_killed_workers_lose_nothing(tiny_model: Path, io_thread: bool, monkeypatch) -> None:
+@pytest.mark.parametrize("prefetch", [False, True], ids=["demand", "prefetch"])
+def test_killed_workers_lose_nothing(tiny_model: Path, prefetch: bool, monkeypatch) -> None:
     """A loader worker SIGKILLed on every token of a whole generation: same token ids, every
-    lost load re-sent, each worker replaced by the supervisor; also with the I/O thread driving
-    the loaders and the lane spinning on the doorbells."""
+    lost load re-sent, each worker replaced by the supervisor; also with guesses in flight and
+    the lane spinning on the doorbells."""
     from flashmoe.orchestrator.engine import Engine, GenRequest
 
-    if io_thread:
-        monkeypatch.setenv("FLASHMOE_IO_THREAD", "on")
+    if prefetch:
         monkeypatch.setenv("FLASHMOE_IO_SPIN_US", "2000")
         monkeypatch.setenv("FLASHMOE_PREFETCH", "on")
-        monkeypatch.setenv("FLASHMOE_LANES", "1")  # the I/O thread serves a single lane
     n = 40
     with Engine(str(tiny_model), memory_budget=SMALL_BUDGET, workers=2) as e:
         want = generate_ids(e, PROMPTS[0], n)
         assert e.cache.stats.misses > 4 * n  # nearly every token loads experts
     with Engine(str(tiny_model), memory_budget=SMALL_BUDGET, workers=2) as e:
-        assert (e.cache._io_thread is not None) is io_thread
         got = []
         with WorkerKiller(e.loader.workers_info) as k:
             for c in e.generate(GenRequest(id="k", prompt=PROMPTS[0], max_tokens=n)):
@@ -98,8 +95,7 @@ def test_killed_workers_lose_nothing(tiny_model: Path, io_thread: bool, monkeypa
                 k.poke()
         assert got == want
         assert generate_ids(e, PROMPTS[0], n) == want  # and the pool is whole afterwards
-        # the I/O thread polls the loaders by itself (no other thread may touch them)
-        wait_for(lambda: (io_thread or e.loader.poll(0.1) == [])
+        wait_for(lambda: e.loader.poll(0.1) == []
                  and e.loader.restarts >= k.kills, 10,
                  "every killed worker to be replaced")  # fmt: skip
         assert k.kills >= n // 4 and e.loader.restarts == k.kills
