@@ -51,25 +51,19 @@ def format_size(n: int) -> str:
 class Settings:
     memory_budget: str = "auto"
     auto_budget_fraction: float = 0.5
-    loader: str = "auto"
     workers: int = 2
     io_threads: int = 8
     io_mode: str = "auto"
     io_chunk: str = "256KiB"
     dtype: str = "auto"
-    slot_align: int = 16384
     prefetch: str = "auto"
     prefetch_top: int = 4
-    prefetch_late: int = 0
     prefetch_depth: int = 2
-    prefetch_ahead: int = 1
     prefetch_threads: int = 0
-    io_spin_us: int = 0
     lanes: str = "auto"
     load_timeout_s: float = 30.0
     worker_start_timeout_s: float = 30.0
     socket: str = ""
-    http: str = ""
     max_prompt_tokens: int = 32768
     max_tokens_limit: int = 32768
     max_message_bytes: int = 4194304
@@ -84,8 +78,7 @@ ON_WORDS = ("1", "true", "yes", "on")
 OFF_WORDS = ("0", "false", "no", "off")
 
 # Settings that are counts with a floor: a value below it is a mistake, not a request.
-_AT_LEAST = {"prefetch_top": 0, "prefetch_late": 0, "prefetch_depth": 1, "prefetch_ahead": 1,
-             "prefetch_threads": 0, "io_spin_us": 0}
+_AT_LEAST = {"prefetch_top": 0, "prefetch_depth": 1, "prefetch_threads": 0}
 
 
 def load_settings(path: str | os.PathLike | None = None) -> Settings:

@@ -102,7 +102,7 @@ def streamed_side(a: dict) -> dict:
             guesses_per_token=sent / decoded,
             guesses_used_per_token=used / decoded,
             prefetch_settings={k: getattr(eng.settings, f"prefetch_{k}")
-                               for k in ("ahead", "top", "late", "depth", "threads")},
+                               for k in ("top", "depth", "threads")},
             # share of the decode time the disk had a read in flight (None: no counter)
             disk_busy_fraction=(busy1 - busy0) / 1e3 / decode_s
             if busy0 is not None and busy1 is not None else None,

@@ -171,16 +171,15 @@ def one_at_a_time(
     chunk_bytes: int = DEFAULT_CHUNK,
 ) -> dict:
     """Latency of one record with nothing else in flight (what a decode layer waiting for its
-    one missed expert sees): through the loader workers and through the coordinator's own
-    loader threads (``loader`` setting ``threads``), submit -> completion with the checksum
-    checked, and read by bare threads of this process in the same pieces, each piece's crc32
-    taken as the loader does (the record is checked against the store after the clock stops).
-    Records rotate between the three, so all meet the same disk."""
+    one missed expert sees): through the loader workers, submit -> completion with the
+    checksum checked, and read by bare threads of this process in the same pieces, each piece's
+    crc32 taken as the loader does (the record is checked against the store after the clock
+    stops). Records alternate between the two, so both meet the same disk."""
     import mmap
     import zlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from flashmoe.orchestrator.loaders import ThreadLoader, extent_list
+    from flashmoe.orchestrator.loaders import extent_list
     from flashmoe.store import RECORD_ALIGN
     from flashmoe.workers.crc import crc_of_pieces
     from flashmoe.workers.loader import PieceReader, chunk_for, plan
@@ -209,18 +208,14 @@ def one_at_a_time(
         return took
 
     loader_s: list[float] = []
-    threads_s: list[float] = []
     bare_s: list[float] = []
     io_mode = "direct" if direct else "buffered"
     try:
         with ExpertPool.create(1, store.layout.nbytes) as pool:
             with LoaderPool(pool, workers=workers, threads=threads, io_mode=io_mode,
-                            chunk_bytes=chunk_bytes) as lp, \
-                    ThreadLoader(pool, threads=threads, io_mode=io_mode,
-                                 chunk_bytes=chunk_bytes) as tl:
+                            chunk_bytes=chunk_bytes) as lp:
                 for _ in range(records):
                     loader_s.append(through(lp))
-                    threads_s.append(through(tl))
                     layer, e = next(keys)
                     ext = extent_list(store.extents(layer, e))
                     step = chunk_for(sum(x[2] for x in ext), threads, chunk_bytes)  # all idle
@@ -244,12 +239,9 @@ def one_at_a_time(
         view.release()
         buf.close()
     loader_ms, bare_ms = _percentile(loader_s, 0.5) * 1e3, _percentile(bare_s, 0.5) * 1e3
-    threads_ms = _percentile(threads_s, 0.5) * 1e3
     return dict(workers=workers, threads=threads, direct=direct, records=records,
                 record_bytes=store.layout.nbytes, loader_p50_ms=loader_ms,
-                thread_loader_p50_ms=threads_ms, bare_p50_ms=bare_ms,
-                overhead_ms=loader_ms - bare_ms, thread_overhead_ms=threads_ms - bare_ms,
-                cache_dropped=dropped)
+                bare_p50_ms=bare_ms, overhead_ms=loader_ms - bare_ms, cache_dropped=dropped)
 
 
 def _plot(points: list[dict], path: str, title: str) -> None:
@@ -294,10 +286,8 @@ def run_io_bench(args: Any) -> int:
         else:
             print(f"one record at a time ({r['record_bytes']} B, {r['threads']} threads, "
                   f"{'direct' if direct else 'buffered'}): p50 through loader workers "
-                  f"{r['loader_p50_ms']:.2f} ms, through loader threads "
-                  f"{r['thread_loader_p50_ms']:.2f} ms, bare threads {r['bare_p50_ms']:.2f} ms; "
-                  f"the loader's own share {r['overhead_ms']:.2f} ms (workers), "
-                  f"{r['thread_overhead_ms']:.2f} ms (threads)")
+                  f"{r['loader_p50_ms']:.2f} ms, bare threads {r['bare_p50_ms']:.2f} ms; "
+                  f"the loader's own share {r['overhead_ms']:.2f} ms")
         store.close()
         return 0
     configs = SWEEP if args.sweep else [(args.workers, args.threads)]

@@ -106,9 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cgroup-cap", help="run the streamed side under a memory cgroup of SIZE")
     b.add_argument("--trace-out", help="write the decode routing trace (JSON lines) here")
     b.add_argument("--guess-trace", help="prefetch guesses the routing of this trace (from "
-                   "--trace-out, same run): a ceiling, every guess right; let it look ahead "
-                   "(FLASHMOE_PREFETCH_AHEAD=4 FLASHMOE_PREFETCH_DEPTH=8 "
-                   "FLASHMOE_PREFETCH_THREADS=8)")
+                   "--trace-out, same run): a ceiling, every guess right")
     b.add_argument("--profile", action="store_true",
                    help="also time each part of a token (adds one sync per MoE layer)")
     b.add_argument("--json", action="store_true")

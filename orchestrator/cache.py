@@ -22,16 +22,15 @@ included) before it evaluates anything. Guesses (prefetch) go only into free or 
 which by the rule no pending kernel reads, and are never waited for unless asked for.
 
 Prefetch fills the disk's idle time: once a layer's own loads have landed, the disk would idle
-while the host computes that layer and routes the next one. A bank's guesses for the coming
-layers are candidates, best first: ``_pump`` sends them once every demanded load has been sent,
-at most ``prefetch_depth`` at a time (and never more than half the staging slots, so demanded
-loads always find staging), and sends the next as one lands; late guesses (the next layer's beyond
-its router's best few, and those for layers further on) go only while no demanded load is being
-read. Loaders read guesses as not urgent, behind any demanded piece. The lane's next ``begin``
-drops the candidates not sent yet, so a wrong guess that was never sent costs nothing, not even an
-eviction; a sent one stays pinned until the lane begins the layer it was made for. Guesses yield:
-when a demanded load finds every slot pinned or loading, a guess that nobody asked for gives up its
-slot (a load still in flight is then stale and its bytes are dropped when they land).
+while the host computes that layer and routes the next one. A bank's guesses for the coming layers
+are candidates, best first: ``_pump`` sends them once every demanded load has been sent, at most
+``prefetch_depth`` at a time (and never more than half the staging slots, so demanded loads always
+find staging), and sends the next as one lands. Loaders read guesses as not urgent, behind any
+demanded piece. The lane's next ``begin`` drops the candidates not sent yet, so a wrong guess that
+was never sent costs nothing, not even an eviction; a sent one stays pinned until the lane begins
+the layer it was made for. Guesses yield: when a demanded load finds every slot pinned or loading,
+a guess that nobody asked for gives up its slot (a load still in flight is then stale and its bytes
+are dropped when they land).
 
 Thread safety (``shared=True``): the slot table, the pending loads and the staging slots are
 guarded by one lock; the loader pool's socket is used by one thread at a time, the one that
@@ -192,7 +191,7 @@ class ExpertCache:
 
     def __init__(self, layout: RecordLayout, plan: PoolPlan, compute: mx.Dtype, loader, pool,
                  store, load_timeout_s: float = 60.0, copier=None, shared: bool = False,
-                 prefetch_depth: int = 2, spin_s: float = 0.0):
+                 prefetch_depth: int = 2):
         self.layout = layout
         self.plan = plan
         self.compute = compute
@@ -226,7 +225,6 @@ class ExpertCache:
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
         self._io = threading.Lock()  # held by the one thread that talks to the loader pool
-        self.spin_s = max(0.0, float(spin_s))  # a waiting leader watches doorbells this long
         self._why: dict[tuple[int, int], str] = {}  # (layer, expert) -> why its last load failed
         self._local = threading.local()  # per lane: its deferred pins and loads
         self._guessed: dict[tuple[int, int], None] = {}  # prefetched, not asked for yet
@@ -237,11 +235,10 @@ class ExpertCache:
         # Prefetch, per lane (thread id): guesses not sent yet (best first), the guessed loads
         # it sent, as (layer guessed, load), each pinned until the lane begins that layer, and
         # the last layer the lane began.
-        self._cands: dict[int, list[tuple[tuple[int, int], bool]]] = {}  # (key, early)
+        self._cands: dict[int, list[tuple[int, int]]] = {}
         self._guesses: dict[int, list[tuple[int, Pending]]] = {}
         self._at: dict[int, int] = {}
         self._guessing = 0  # guessed loads in flight
-        self._demanding = 0  # demanded loads in flight
 
     @property
     def nslots(self) -> int:
@@ -388,8 +385,7 @@ class ExpertCache:
                         if self._settled(p) or enough():
                             return
                     left = max(0.0, deadline - time.perf_counter())
-                    self._collect(min(left, self.POLL_SLICE_S) if self.shared else left,
-                                  spin_s=self.spin_s)
+                    self._collect(min(left, self.POLL_SLICE_S) if self.shared else left)
                 finally:
                     self._io.release()
                 with self._cv:
@@ -414,24 +410,19 @@ class ExpertCache:
             return False
         return all(self.table.state(slot) != LOADING for slot, _l, _e in p.waits)
 
-    def prefetch(self, keys: Iterable[tuple[int, int]], limit: int | None = None,
-                 early: int | None = None) -> int:
-        """Guess ``(layer, expert)``s of coming layers, best first; returns how many of them
-        (at most ``limit``) are neither cached nor loading. They replace this lane's unsent
+    def prefetch(self, keys: Iterable[tuple[int, int]], limit: int | None = None) -> int:
+        """Guess ``(layer, expert)``s of the next layer, best first; returns how many of them (at
+        most ``limit``) are neither cached nor loading. They replace this lane's unsent
         guesses and are sent to a loader once no demanded load waits to be sent, at most
-        ``prefetch_depth`` at a time (``_pump``); only the first ``early`` keys (None: all) go
-        while demanded loads are still being read, the rest wait for the disk to have nothing
-        else to do. Nobody waits for a guess: a sent one stays pinned until this lane begins
-        the guessed layer, which waits for it only if it asks for it (as for another lane's
-        load); the rest become the first to evict. The lane's next ``begin`` drops the ones
-        not sent yet."""
+        ``prefetch_depth`` at a time (``_pump``). Nobody waits for a guess: a sent one
+        stays pinned until this lane begins the guessed layer, which waits for it only
+        if it asks for it (as for another lane's load); the rest become the first to
+        evict. The lane's next ``begin`` drops the ones not sent yet."""
         lane = threading.get_ident()
         with self._lock:
             self._cands.pop(lane, None)
             keys = [(int(layer), int(e)) for layer, e in keys]
-            n_early = len(keys) if early is None else early
-            want = [(key, i < n_early) for i, key in enumerate(keys)
-                    if self.table.lookup(key) is None]
+            want = [key for key in keys if self.table.lookup(key) is None]
             want = want[:limit] if limit is not None else want
             if want:
                 self._cands[lane] = want  # consumed by ``_send_guesses``
@@ -450,16 +441,12 @@ class ExpertCache:
                 self._io.release()
 
     def _send_guesses(self) -> None:
-        """Send the best candidates while no demanded load waits to be sent, late ones only
-        while none is being read either (``_io`` and the lock held)."""
+        """Send the best candidates while no demanded load waits to be sent (``_io`` and the
+        lock held)."""
         while (self._cands and self._guessing < self.prefetch_depth and self._staging_free
                and not self._queued):
-            lane = next((lane for lane, c in self._cands.items()
-                         if c[0][1] or not self._demanding), None)
-            if lane is None:
-                return  # only late guesses left, and the disk still reads demanded loads
-            cands = self._cands[lane]
-            key, _early = cands.pop(0)
+            lane, cands = next(iter(self._cands.items()))
+            key = cands.pop(0)
             if not cands:
                 del self._cands[lane]
             if self.table.lookup(key) is not None:
@@ -573,9 +560,9 @@ class ExpertCache:
             finally:
                 self._io.release()
 
-    def _collect(self, timeout_s: float, spin_s: float = 0.0) -> bool:
+    def _collect(self, timeout_s: float) -> bool:
         """Poll the loaders (``_io`` held) and complete what landed; whether anything did."""
-        done = self.loader.poll(timeout_s, spin_s=spin_s)
+        done = self.loader.poll(timeout_s)
         for c in done:
             self._complete(c)
         return bool(done)
@@ -604,8 +591,6 @@ class ExpertCache:
         self._owner[req] = p
         if p.guess:
             self._guessing += 1
-        else:
-            self._demanding += 1
 
     def _complete(self, c) -> None:
         with self._lock:
@@ -615,8 +600,6 @@ class ExpertCache:
             stage, slot, gen, layer, e = p.inflight[c.req]
             if p.guess:
                 self._guessing -= 1
-            else:
-                self._demanding -= 1
             # a guess that gave up its slot to a demanded load: its bytes are stale
             current = self.table.state(slot) == LOADING and self.table.generation(slot) == gen
             # good bytes are kept even if another load of ``p`` failed: other lanes may be

@@ -29,7 +29,7 @@ from flashmoe.configs import OFF_WORDS, ON_WORDS, ConfigError, Settings, load_se
 from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.orchestrator.cache import ExpertCache, plan_pool
 from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, make_copier, on_cuda
-from flashmoe.orchestrator.loaders import LoaderPool, ThreadLoader
+from flashmoe.orchestrator.loaders import LoaderPool
 from flashmoe.orchestrator.scheduler import (
     Chunk,
     GenRequest,
@@ -135,22 +135,8 @@ def resolve_prefetch(setting) -> bool:
     return resolve_switch(setting, "prefetch", mx.default_device() != mx.cpu)
 
 
-def resolve_loader(setting) -> str:
-    """``processes`` or ``threads`` (see the ``loader`` setting)."""
-    v = str(setting).strip().lower()
-    if v == "auto":
-        return "processes"
-    if v in ("processes", "threads"):
-        return v
-    raise ConfigError(f"setting loader: expected auto, processes or threads, got {setting!r}")
-
-
-def make_loader(s: Settings, pool: ExpertPool) -> LoaderPool | ThreadLoader:
-    """The loader the settings ask for, filling ``pool``'s slots."""
-    if resolve_loader(s.loader) == "threads":
-        return ThreadLoader(pool, threads=max(1, s.workers) * s.io_threads, io_mode=s.io_mode,
-                            chunk_bytes=parse_size(s.io_chunk),
-                            guess_threads=max(1, s.workers) * s.prefetch_threads or None)
+def make_loader(s: Settings, pool: ExpertPool) -> LoaderPool:
+    """The loader workers the settings ask for, filling ``pool``'s slots."""
     return LoaderPool(pool, workers=s.workers, threads=s.io_threads, io_mode=s.io_mode,
                       chunk_bytes=parse_size(s.io_chunk),
                       guess_threads=s.prefetch_threads or None,
@@ -205,17 +191,14 @@ class Engine:
             self.cache = ExpertCache(self.store.layout, self.plan, self.compute_dtype,
                                      self.loader, self.pool, self.store,
                                      load_timeout_s=4 * s.load_timeout_s,
-                                     shared=self.lanes > 1, prefetch_depth=s.prefetch_depth,
-                                     spin_s=s.io_spin_us / 1e6)
+                                     shared=self.lanes > 1, prefetch_depth=s.prefetch_depth)
             self.cache.copier = make_copier(self.cache, self.pool)  # None unless on CUDA
             override = _config_override(self.store.config, experts_per_token)
             self.model, self.config = load_dense(self.store.dense_dir, override)
             self.banks = install_streamed_banks(self.model, self.cache, self.store.quantization,
                                                 self.store.moe_layers,
                                                 prefetch=prefetch,
-                                                guess_top=s.prefetch_top,
-                                                ahead=s.prefetch_ahead,
-                                                late_top=s.prefetch_late)
+                                                guess_top=s.prefetch_top)
             if s.dtype != "auto" or self.compute_dtype != _checkpoint_dtype(self.store.config):
                 # As a user of mlx-lm would: cast the whole model; "auto" on a GPU keeps the
                 # checkpoint's own dtypes, exactly as mlx_lm.load leaves them.

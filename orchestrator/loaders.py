@@ -16,7 +16,6 @@ import itertools
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,9 +36,8 @@ from flashmoe.protocol.messages import (
     decode,
     encode,
 )
-from flashmoe.protocol.sockets import WakePipe, endpoint_path, fresh_endpoint, router
+from flashmoe.protocol.sockets import endpoint_path, fresh_endpoint, router
 from flashmoe.shm.pool import ExpertPool
-from flashmoe.workers.loader import DEFAULT_CHUNK, Loader
 
 MAX_ATTEMPTS = 3
 SUPERVISE_EVERY_S = 0.1
@@ -138,14 +136,6 @@ class LoaderPool:
         self._replacing: dict[int, float] = {}  # worker index -> when its death was noticed
         self._last_supervise = time.monotonic()
         self._workers: list[_Worker] = []
-        # ``wait`` sleeps on the socket's own file descriptor (signalled when its state may
-        # have changed) and a pipe that ``wake`` (any thread) writes to, without calling into
-        # the socket, so that another thread may use the socket meanwhile.
-        self._pipe = WakePipe()
-        self._fd_poller = zmq.Poller()
-        self._fd_poller.register(self._sock.getsockopt(zmq.FD), zmq.POLLIN)
-        self._fd_poller.register(self._pipe.fileno(), zmq.POLLIN)
-        self._bells = pool.doorbells()  # see ``poll(spin_s=)``
         try:
             for i in range(workers):
                 self._workers.append(self._spawn(i))
@@ -171,20 +161,12 @@ class LoaderPool:
         ext = extent_list(extents)
         self._requests[rid] = _Request(rid, slot, ext, checksum, d, bool(urgent),
                                        max((e[3] + e[2] for e in ext), default=0))
-        if self._bells is not None and slot < len(self._bells):
-            self._bells[slot] = 0  # an earlier load's id there must not pass for this one's
         self._dispatch(rid)
-        self._leave_word()
         return rid
 
-    def poll(self, timeout_s: float = 0.0, spin_s: float = 0.0) -> list[Completion]:
-        """Completions so far, waiting up to ``timeout_s`` for the first one. ``spin_s``:
-        first watch the doorbells of the loads in flight for up to that long, holding the CPU
-        (and the GIL): a load is then seen done the moment its worker rings, without waiting
-        for its reply to wake us."""
+    def poll(self, timeout_s: float = 0.0) -> list[Completion]:
+        """Completions so far, waiting up to ``timeout_s`` for the first one."""
         deadline = time.monotonic() + timeout_s
-        if spin_s > 0 and self._requests and self._bells is not None:
-            self._spin(min(spin_s, timeout_s))
         while True:
             self._drain()
             now = time.monotonic()
@@ -195,52 +177,8 @@ class LoaderPool:
             wait = max(1, int(min(deadline - now, SUPERVISE_EVERY_S) * 1000))
             if not self._sock.poll(wait, zmq.POLLIN):
                 self._supervise()
-        self._leave_word()
         out, self._done = self._done, []
         return out
-
-    def wait(self, timeout_s: float) -> None:
-        """Sleep until a reply may have come, ``wake`` is called or ``timeout_s`` passes,
-        without calling into the socket: another thread may ``submit`` (or ``poll``) meanwhile,
-        one at a time. The socket's descriptor only signals changes, and a send or a poll may
-        take in a reply that it does not read; each leaves a wake behind for that. So it may
-        also end early, for a reply that another thread has read since: the caller polls,
-        and waits again if nothing came."""
-        ready = dict(self._fd_poller.poll(max(0, int(timeout_s * 1000))))
-        if self._pipe.fileno() in ready:
-            self._pipe.drain()
-
-    def _leave_word(self) -> None:
-        """After using the socket: wake a ``wait`` if a reply is in that nobody read."""
-        if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._pipe.wake()
-
-    def _spin(self, limit_s: float) -> None:
-        """Watch the doorbells until one rings, a message arrives or ``limit_s`` passes."""
-        end = time.perf_counter() + limit_s
-        bells = self._bells
-        n = len(bells)
-        turn = 0
-        while not self._done:
-            for r in list(self._requests.values()):
-                if r.slot < n and bells[r.slot] == r.req and r.worker is not None:
-                    self._rang(r)
-            turn += 1
-            if turn % 16 == 0 and (self._sock.poll(0, zmq.POLLIN)
-                                   or time.perf_counter() >= end):
-                return
-
-    def _rang(self, r: _Request) -> None:
-        """``r``'s worker rang its doorbell: the record is in and checked. Its reply, when it
-        comes, finds no request and is dropped."""
-        del self._requests[r.req]
-        if r.worker is not None:
-            self._workers[r.worker].held.discard(r.req)
-        self._done.append(Completion(r.req, r.slot, True, r.nbytes))
-
-    def wake(self) -> None:
-        """End the current (or the next) ``wait``; safe from any thread."""
-        self._pipe.wake()
 
     def inflight(self) -> int:
         """Requests submitted and not yet completed."""
@@ -269,10 +207,6 @@ class LoaderPool:
                 w.proc.kill()
                 w.proc.wait(REAP_TIMEOUT_S)
         self._workers = []
-        if self._bells is not None:
-            self._bells.release()  # lets the pool unmap
-            self._bells = None
-        self._pipe.close()
         if not self._sock.closed:
             self._sock.close(0)
             p = endpoint_path(self.endpoint)
@@ -343,10 +277,6 @@ class LoaderPool:
               file=sys.stderr)  # fmt: skip
         for rid in held:
             r = self._requests[rid]
-            if reaped and self._bells is not None and r.slot < len(self._bells) \
-                    and self._bells[r.slot] == rid:
-                self._rang(r)  # it finished this one before it died: nothing to read again
-                continue
             r.worker = None
             if not reaped:
                 self._fail(r, f"loader worker {w.wid} {why} and could not be reaped")
@@ -447,104 +377,3 @@ class LoaderPool:
     def _fail(self, r: _Request, error: str) -> None:
         self._requests.pop(r.req, None)
         self._done.append(Completion(r.req, r.slot, False, error=error))
-
-
-class ThreadLoader:
-    """The loaders' reads done by I/O threads of the coordinator process itself, with
-    ``LoaderPool``'s interface: the same pieces, urgent-first order, guess limit, O_DIRECT and
-    crc32 checks as a loader worker (it is a worker's ``Loader``), but a reply is a function
-    call and a completion wakes the waiting thread directly, with no message, socket hop or
-    second process to wake. ``preadv`` and ``zlib.crc32`` let go of the GIL, so the reads run
-    beside the coordinator's Python.
-
-    What it gives up: a worker can be killed and replaced, a thread cannot; a read stuck in the
-    kernel holds its thread until it returns (the cache's own timeout still reports the load).
-    """
-
-    def __init__(
-        self,
-        pool: ExpertPool,
-        threads: int = 16,
-        io_mode: str = "auto",
-        chunk_bytes: int | None = None,
-        guess_threads: int | None = None,
-    ):
-        if io_mode not in ("auto", "direct", "buffered"):
-            raise ValueError(f"io_mode must be auto, direct or buffered, got {io_mode!r}")
-        if threads < 1:
-            raise ValueError(f"need at least one I/O thread, got {threads}")
-        self.pool = pool
-        self.direct = io_mode != "buffered"
-        self.restarts = 0  # as ``LoaderPool``'s: nothing here is ever restarted
-        self.last_restart_s: float | None = None
-        self._reqs = itertools.count(1)
-        self._cv = threading.Condition()
-        self._inflight: set[int] = set()
-        self._done: list[Completion] = []
-        self._woken = False
-        self._loader = Loader(pool, threads, chunk=DEFAULT_CHUNK if chunk_bytes is None
-                              else chunk_bytes, guess_threads=guess_threads,
-                              deliver=self._deliver)
-
-    def submit(self, slot: int, extents: Any, checksum: int | None = None,
-               direct: bool | None = None, urgent: bool = True) -> int:
-        """As ``LoaderPool.submit``."""
-        rid = next(self._reqs)
-        d = self.direct if direct is None else bool(direct)
-        with self._cv:
-            self._inflight.add(rid)
-        self._loader.submit(LoadRequest(rid, 0, slot, extent_list(extents), checksum, d,
-                                        bool(urgent)))
-        return rid
-
-    def _deliver(self, msg: LoadDone | LoadFailed) -> None:
-        if isinstance(msg, LoadDone):
-            c = Completion(msg.req, msg.slot, True, msg.nbytes, msg.us)
-        else:
-            c = Completion(msg.req, msg.slot, False, error=msg.error)
-        with self._cv:
-            self._inflight.discard(msg.req)
-            self._done.append(c)
-            self._cv.notify_all()
-
-    def poll(self, timeout_s: float = 0.0, spin_s: float = 0.0) -> list[Completion]:
-        """As ``LoaderPool.poll`` (``spin_s`` is ignored: a completion wakes the poll itself)."""
-        deadline = time.monotonic() + timeout_s
-        with self._cv:
-            while not self._done:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
-            out, self._done = self._done, []
-        return out
-
-    def wait(self, timeout_s: float) -> None:
-        """As ``LoaderPool.wait``: until a completion is in, ``wake`` or ``timeout_s``."""
-        with self._cv:
-            if not self._done and not self._woken:
-                self._cv.wait(timeout_s)
-            self._woken = False
-
-    def wake(self) -> None:
-        """End the current (or the next) ``wait``; safe from any thread."""
-        with self._cv:
-            self._woken = True
-            self._cv.notify_all()
-
-    def inflight(self) -> int:
-        with self._cv:
-            return len(self._inflight)
-
-    def workers_info(self) -> list[dict]:
-        """An empty list: no loader process to report (or to kill)."""
-        return []
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        self._loader.close(timeout_s)
-
-    def __enter__(self) -> ThreadLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

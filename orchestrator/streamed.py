@@ -82,14 +82,10 @@ class StreamedBank:
             setattr(bank, proj, _linear_from_cache(proj, cache, quant))
         self.inner = bank
         self.num_experts = cache.store.num_experts
-        # With prefetch: the coming MoE layers whose experts it guesses, nearest first, as
-        # (layer, its router, its k), how many of each router's best it guesses per token, and
-        # how many of the next layer's are read beside demanded loads (the rest are late: read
-        # only while no demanded load is, to fill the disk's idle time).
-        self.ahead: list[tuple[int, nn.Module, int]] = []
-        self.ahead_layers: list[int] = []  # the layers of ``ahead``
+        # With prefetch: the next MoE layer and its router, whose best ``guess_top`` experts
+        # per token this bank guesses.
+        self.ahead: tuple[int, nn.Module] | None = None
         self.guess_top = 0
-        self.early_top = 0
         self.defer = False  # may return before its loads land (set for all but the last bank)
         self.prefetch_limit = max(1, cache.plan.staging_slots // 2)  # guesses kept per call
         self.replay: RoutingReplay | None = None  # a benchmark's always-right guesses
@@ -140,12 +136,10 @@ class StreamedBank:
                 if EAGER:
                     mx.async_eval(out)
             if guess is not None:  # read after this layer's own loads
-                if self.replay is not None:
-                    keys, early = self.replay.keys(self.ahead_layers)
-                else:
-                    keys, early = _best_first(np.array(guess), self.ahead_layers,
-                                              self.early_top)
-                self.cache.prefetch(keys, limit=self.prefetch_limit, early=early)
+                nxt = self.ahead[0]
+                keys = (self.replay.keys(nxt) if self.replay is not None
+                        else [(nxt, e) for e in _best_first(np.array(guess))])
+                self.cache.prefetch(keys, limit=self.prefetch_limit)
             if st.profile:
                 t1 = time.perf_counter()
                 mx.eval(out)
@@ -156,21 +150,15 @@ class StreamedBank:
                 self.cache.unpin(p.slots)  # ``out`` is still lazy
 
     def _guess(self, x: mx.array) -> mx.array:
-        """The coming MoE layers' experts, guessed by applying their routers to this layer's
-        input (the residual stream changes little from one layer to the next): each router's
-        best ``guess_top`` per token, best first, as [..., layer, rank]; lazy. The first
-        choices are the safest guesses (measured on the benchmark model, by rank: 98, 97, 93,
-        90% right for the next layer, 97, 88, 83, 75% for the one after)."""
-        out = []
-        for _layer, router, _k in self.ahead:
-            g = router(x)
-            if isinstance(g, tuple):  # some routers return (indices, scores), unordered
-                inds, scores = g
-                order = mx.argsort(-scores.astype(mx.float32), axis=-1)[..., :self.guess_top]
-                out.append(mx.take_along_axis(inds, order, axis=-1))
-            else:
-                out.append(mx.argsort(-g.astype(mx.float32), axis=-1)[..., :self.guess_top])
-        return mx.stack(out, axis=-2)
+        """The next MoE layer's experts, guessed by applying its router to this layer's input
+        (the residual stream changes little from one layer to the next): the router's best
+        ``guess_top`` per token, best first, as [..., rank]; lazy."""
+        g = self.ahead[1](x)
+        if isinstance(g, tuple):  # some routers return (indices, scores), unordered
+            inds, scores = g
+            order = mx.argsort(-scores.astype(mx.float32), axis=-1)[..., :self.guess_top]
+            return mx.take_along_axis(inds, order, axis=-1)
+        return mx.argsort(-g.astype(mx.float32), axis=-1)[..., :self.guess_top]
 
     def _progressive(self, x, ids, remap, p):
         """Compute the (token, expert) pairs as their experts become ready: the cached ones at
@@ -234,9 +222,9 @@ class RoutingReplay:
         self.calls = calls
         self.trace = trace
 
-    def keys(self, layers: list[int]) -> tuple[list[tuple[int, int]], int]:
-        """The recorded experts of the coming ``layers`` (this forward pass only), nearest
-        layer first, and how many of them are the nearest layer's (``_best_first``'s form)."""
+    def keys(self, layer: int) -> list[tuple[int, int]]:
+        """The recorded experts of the next bank call, if it is ``layer``'s in this forward
+        pass (none otherwise)."""
         i = len(self.trace) - 1
         if i < 0:
             raise ConfigError("the routing replay began before this run's record of it")
@@ -248,33 +236,18 @@ class RoutingReplay:
                 f"the routing replayed departs from this run at bank call {i + 1} (layer "
                 f"{self.trace[-1][0]}): record it from the same model, prompt, dtype and "
                 "settings")
-        keys: list[tuple[int, int]] = []
-        nearest = 0
-        for j, coming in enumerate(layers, 1):
-            if i + j >= len(self.calls) or self.calls[i + j][0] != coming:
-                break  # the recording ends, or the next forward pass begins
-            keys += [(coming, e) for e in self.calls[i + j][1]]
-            if j == 1:
-                nearest = len(keys)
-        return keys, nearest
+        if i + 1 >= len(self.calls) or self.calls[i + 1][0] != layer:
+            return []  # the recording ends, or the next forward pass begins
+        return [(layer, e) for e in self.calls[i + 1][1]]
 
 
-def _best_first(guess: np.ndarray, layers: list[int],
-                early_ranks: int | None = None) -> tuple[list[tuple[int, int]], int]:
-    """The distinct ``(layer, expert)``s of ``guess`` ([..., layer, rank], each token's guesses
-    for ``layers``, best first), nearest layer first: every token's first choice for it, then
-    every token's second, ...; then the same for the next layer. Also how many of them lead the
-    list as the nearest layer's guesses of rank below ``early_ranks`` (None: all ranks)."""
-    g = guess.reshape(-1, len(layers), guess.shape[-1])  # token, layer, rank
-    tokens, ranks = g.shape[0], g.shape[2]
-    experts = g.transpose(1, 2, 0).reshape(-1)  # layer, rank, token
-    lay = np.broadcast_to(np.asarray(layers, dtype=np.int64)[:, None, None],
-                          (g.shape[1], ranks, tokens)).reshape(-1)
-    _, first = np.unique(lay * (1 << 32) + experts.astype(np.int64), return_index=True)
-    order = np.sort(first)
-    early = (ranks if early_ranks is None else min(ranks, early_ranks)) * tokens  # a prefix
-    keys = list(zip(lay[order].tolist(), experts[order].tolist(), strict=True))
-    return keys, int(np.searchsorted(order, early))
+def _best_first(guess: np.ndarray) -> list[int]:
+    """The distinct experts of ``guess`` ([..., rank], each token's guesses best first): every
+    token's first choice, then every token's second, ..."""
+    g = guess.reshape(-1, guess.shape[-1])
+    experts = g.T.reshape(-1)  # rank, token
+    _, first = np.unique(experts, return_index=True)
+    return experts[np.sort(first)].tolist()
 
 
 def find_banks(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
@@ -306,12 +279,11 @@ def _router_of(block: nn.Module):
 
 def install_streamed_banks(model: nn.Module, cache: ExpertCache, quant: dict | None,
                            moe_layers: list[int], prefetch: bool = False,
-                           guess_top: int = 0, ahead: int = 1,
-                           late_top: int = 0) -> list[StreamedBank]:
+                           guess_top: int = 0) -> list[StreamedBank]:
     """Replace every expert bank of ``model`` by a streamed one; their in-memory experts
-    (still lazy, never read) are dropped. With ``prefetch`` each bank guesses the best
-    ``guess_top`` experts per token (0: as many as the router picks), then ``late_top`` more as
-    late guesses, of each of the next ``ahead`` MoE layers, with their routers."""
+    (still lazy, never read) are dropped. With ``prefetch`` each bank guesses the next MoE
+    layer's best ``guess_top`` experts per token (0: as many as its router picks) with that
+    layer's router."""
     banks = find_banks(model)
     layers = sorted(layer for _, layer, _ in banks)
     if layers != sorted(moe_layers):
@@ -330,16 +302,10 @@ def install_streamed_banks(model: nn.Module, cache: ExpertCache, quant: dict | N
     for bank, _ in out[:-1]:
         bank.defer = DEFER
     if prefetch:
-        routers = [_router_of(parent) for _, parent in out]
-        for i, (bank, _) in enumerate(out):
-            coming = slice(i + 1, i + 1 + max(1, ahead))
-            for (nxt, _), router in zip(out[coming], routers[coming], strict=True):
-                if router is None:
-                    break  # a layer it cannot guess: guess none beyond it either
-                bank.ahead.append((nxt.layer, *router))
-            if bank.ahead:
-                bank.ahead_layers = [a[0] for a in bank.ahead]
-                k = min(a[2] for a in bank.ahead)
-                bank.early_top = min(k, guess_top) if guess_top > 0 else k
-                bank.guess_top = min(k, bank.early_top + max(0, late_top))
+        for (bank, _), (nxt, parent) in zip(out, out[1:], strict=False):
+            router = _router_of(parent)
+            if router is not None:
+                gate, k = router
+                bank.ahead = (nxt.layer, gate)
+                bank.guess_top = min(k, guess_top) if guess_top > 0 else k
     return [b for b, _ in out]

@@ -8,12 +8,11 @@ Byte layout of the segment (all integers little-endian)::
 
     offset 0        header page (HEADER_BYTES = 16 KiB)
         0   8 bytes  magic  b"FMOEPOOL"
-        8   u32      layout version (2: with doorbells)
+        8   u32      layout version (3)
         12  u32      nslots
         16  u64      slot_bytes
         24  u64      creator pid
         ...          zero
-        4096         doorbells: one u64 per slot (the first DOORBELLS slots), see ``doorbells``
     offset HEADER_BYTES + i * slot_bytes   slot i, slot_bytes long (a multiple of 16 KiB)
 
 The mapping base is page-aligned (mmap) and slots are 16 KiB multiples, so every slot starts on a
@@ -49,9 +48,7 @@ if TYPE_CHECKING:
 SLOT_ALIGN = 16384
 HEADER_BYTES = 16384
 MAGIC = b"FMOEPOOL"
-LAYOUT_VERSION = 2
-DOORBELL_OFFSET = 4096
-DOORBELLS = (HEADER_BYTES - DOORBELL_OFFSET) // 8
+LAYOUT_VERSION = 3
 _HEADER = struct.Struct("<8sIIQQ")
 _PREFIX = "flashmoe-"
 
@@ -200,15 +197,6 @@ class ExpertPool:
                 f"{nslots} x {slot_bytes} (v{LAYOUT_VERSION})"
             )
         return cls(name, nslots, slot_bytes, mm, owner=False)
-
-    def doorbells(self) -> memoryview:
-        """One u64 word per slot (slots ``0..DOORBELLS-1``) in the header page. A loader writes
-        a request's id into its slot's word once the record is in and checked; the coordinator
-        may watch the word to learn of the load sooner than its reply message arrives."""
-        if self._buf is None:
-            raise ValueError("pool is closed")
-        n = min(self.nslots, DOORBELLS)
-        return self._buf[DOORBELL_OFFSET:DOORBELL_OFFSET + 8 * n].cast("Q")
 
     def close(self) -> None:
         """Unmap. Views still alive keep the mapping until they are dropped."""

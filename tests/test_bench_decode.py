@@ -57,12 +57,12 @@ def test_bench_decode_json(tmp_path):
          "--memory-budget", "400KiB", "--tokens", "6", "--prompt-tokens", "5",
          "--streams", "2", "--guess-trace", str(trace), "--json"],
         capture_output=True, text=True, timeout=300,
-        env={**os.environ, "FLASHMOE_PREFETCH": "on", "FLASHMOE_PREFETCH_AHEAD": "2"},
+        env={**os.environ, "FLASHMOE_PREFETCH": "on"},
     )
     assert out.returncode == 0, out.stderr
     g = json.loads(out.stdout)
     assert g["guess_trace"] == str(trace)
-    assert g["streamed"]["prefetch_settings"]["ahead"] == 2
+    assert g["streamed"]["prefetch_settings"]["depth"] == 2
     assert g["guesses_per_token"] > 0
     assert g["guesses_used_per_token"] == g["guesses_per_token"]
     assert g["needed_bytes_per_token"] == g["bytes_per_token"]
@@ -77,22 +77,22 @@ def test_routing_replay_guesses_the_recorded_layers_and_stops_where_the_run_depa
     trace: list = []
     replay = RoutingReplay(calls, trace)
     trace.append((0, [1, 2]))
-    assert replay.keys([1, 2]) == ([(1, 3), (2, 4), (2, 5)], 1)
+    assert replay.keys(1) == [(1, 3)]
     trace.append((1, [3]))
-    # the next forward pass (layer 0 again) is not guessed from this one
-    assert replay.keys([2, 3]) == ([(2, 4), (2, 5)], 2)
+    assert replay.keys(2) == [(2, 4), (2, 5)]
     trace.append((2, [4, 5]))
+    assert replay.keys(3) == []  # the next forward pass (layer 0 again) is not guessed
     trace.append((0, [6]))
-    assert replay.keys([1]) == ([(1, 7)], 1)
+    assert replay.keys(1) == [(1, 7)]
     trace.append((1, [7, 8]))  # this run routed differently from the recording
     with pytest.raises(ConfigError, match="departs from this run at bank call 5 .layer 1."):
-        replay.keys([2])
+        replay.keys(2)
     trace[-1] = (1, [7])
     trace.append((2, [0]))
-    assert replay.keys([3]) == ([], 0)  # the recording ends here
+    assert replay.keys(3) == []  # the recording ends here
     trace.append((0, [1]))
     with pytest.raises(ConfigError, match="ends after 6 bank calls"):
-        replay.keys([1])
+        replay.keys(1)
 
 
 def test_guess_trace_errors_are_clear(tmp_path):
@@ -115,7 +115,7 @@ def test_guess_trace_errors_are_clear(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"layer": 0, "experts": [1, 2]}\n')
     assert read_trace(str(good)) == [(0, [1, 2])]
-    no_prefetch = SimpleNamespace(banks=[SimpleNamespace(ahead=[])])
+    no_prefetch = SimpleNamespace(banks=[SimpleNamespace(ahead=None)])
     with pytest.raises(FlashMoeError, match="prefetch, which is off"):
         _replay(no_prefetch, str(good))
 

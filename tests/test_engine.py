@@ -150,75 +150,26 @@ def test_prefetch_keeps_tokens_exact(models, arch, monkeypatch):
     assert got == want
 
 
-def test_doorbells_keep_tokens_exact(models, monkeypatch):
-    """The lane spins on the doorbells while it waits: same tokens as mlx-lm."""
-    monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
-    monkeypatch.setenv("FLASHMOE_IO_SPIN_US", "3000")
-    path = models[("qwen3_moe", "mlx")]
-    want = reference_ids(path, PROMPT, N_TOKENS)
-    with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
-        assert eng.cache.spin_s == 0.003
-        got = [t for c in eng.generate(GenRequest(id="t", prompt=PROMPT, max_tokens=N_TOKENS))
-               for t in c.token_ids]
-        st = eng.cache.stats
-        assert st.misses > 0 and st.prefetched > 0
-    assert got == want
-
-
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
-def test_loader_threads_keep_tokens_exact(models, arch, monkeypatch):
-    """The coordinator's own loader threads instead of worker processes (with prefetch): same
-    tokens as mlx-lm, no worker process."""
-    from flashmoe.orchestrator.loaders import ThreadLoader
-
-    monkeypatch.setenv("FLASHMOE_LOADER", "threads")
-    monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
-    path = models[(arch, "mlx")]
-    want = reference_ids(path, PROMPT, N_TOKENS)
-    with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
-        assert isinstance(eng.loader, ThreadLoader) and eng.loader.workers_info() == []
-        got = [t for c in eng.generate(GenRequest(id="t", prompt=PROMPT, max_tokens=N_TOKENS))
-               for t in c.token_ids]
-        st = eng.cache.stats
-        assert st.misses > 0 and st.prefetched > 0 and eng.loader.inflight() == 0
-    assert got == want
-
-
-def test_loader_setting(models, monkeypatch):
-    from flashmoe.configs import ConfigError
-    from flashmoe.orchestrator.engine import resolve_loader
-
-    assert resolve_loader("auto") == "processes" and resolve_loader(" Threads ") == "threads"
-    monkeypatch.setenv("FLASHMOE_LOADER", "fibers")
-    with pytest.raises(ConfigError, match="setting loader: expected auto, processes or threads"):
-        Engine(str(models[("qwen3_moe", "mlx")]), dtype="float32")
-
-
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])  # logits / (indices, scores)
 def test_guesses_are_the_next_routers_first_choices(models, arch, monkeypatch):
     monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
-    monkeypatch.setenv("FLASHMOE_PREFETCH_TOP", "2")
-    monkeypatch.setenv("FLASHMOE_PREFETCH_AHEAD", "2")
-    monkeypatch.setenv("FLASHMOE_PREFETCH_LATE", "1")
+    monkeypatch.setenv("FLASHMOE_PREFETCH_TOP", "3")
     path = models[(arch, "mlx")]
     with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
         layers = [b.layer for b in eng.banks]
-        for i, bank in enumerate(eng.banks):  # the next two MoE layers, fewer near the end
-            assert [a[0] for a in bank.ahead] == layers[i + 1:i + 3]
+        for bank, nxt in zip(eng.banks, layers[1:] + [None], strict=True):
+            assert (bank.ahead and bank.ahead[0]) == nxt  # the next MoE layer; none for the last
         bank = eng.banks[0]
         x = mx.random.normal((1, 3, eng.model.args.hidden_size), key=mx.random.key(0))
         got = np.array(bank._guess(x))
-        assert got.shape == (1, 3, 2, 3)  # batch, token, layer ahead, rank (2 early + 1 late)
-        assert bank.early_top == 2
-        for d, (_layer, gate, k) in enumerate(bank.ahead):
-            assert bank.guess_top == 3 < k
-            g = gate(x)
-            if isinstance(g, tuple):
-                inds, scores = (np.array(a) for a in g)
-                want = np.take_along_axis(inds, np.argsort(-scores, axis=-1), axis=-1)
-            else:
-                want = np.argsort(-np.array(g), axis=-1)
-            assert np.array_equal(got[:, :, d], want[..., :3])
+        assert got.shape == (1, 3, 3) and bank.guess_top == 3  # batch, token, rank
+        g = bank.ahead[1](x)
+        if isinstance(g, tuple):
+            inds, scores = (np.array(a) for a in g)
+            want = np.take_along_axis(inds, np.argsort(-scores, axis=-1), axis=-1)
+        else:
+            want = np.argsort(-np.array(g), axis=-1)
+        assert np.array_equal(got, want[..., :3])
 
 
 def test_prefetch_setting():
@@ -232,11 +183,8 @@ def test_prefetch_setting():
         resolve_prefetch("sometimes")
 
 
-@pytest.mark.parametrize("name,bad", [("PREFETCH_AHEAD", "0"), ("PREFETCH_DEPTH", "0"),
-                                      ("PREFETCH_TOP", "-1"), ("PREFETCH_AHEAD", "two"),
-                                      ("PREFETCH_LATE", "-2"),
-                                      ("PREFETCH_THREADS", "-1"), ("IO_SPIN_US", "-1"),
-                                      ("IO_SPIN_US", "fast")])
+@pytest.mark.parametrize("name,bad", [("PREFETCH_DEPTH", "0"), ("PREFETCH_TOP", "-1"),
+                                      ("PREFETCH_DEPTH", "two"), ("PREFETCH_THREADS", "-1")])
 def test_prefetch_counts_are_checked(name, bad, monkeypatch):
     from flashmoe.configs import ConfigError, load_settings
 
@@ -245,43 +193,11 @@ def test_prefetch_counts_are_checked(name, bad, monkeypatch):
         load_settings()
 
 
-def test_late_guesses_reach_the_cache_as_late(models, monkeypatch):
-    """prefetch_late: a decode step guesses the next router's best prefetch_top experts as early
-    guesses and its next prefetch_late as late ones (sent only while no demanded load is read)."""
-    monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
-    monkeypatch.setenv("FLASHMOE_PREFETCH_TOP", "1")
-    monkeypatch.setenv("FLASHMOE_PREFETCH_LATE", "1")
-    path = models[("qwen3_moe", "mlx")]
-    with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
-        calls = []
-        real = eng.cache.prefetch
-
-        def spy(keys, limit=None, early=None):
-            calls.append((list(keys), early))
-            return real(keys, limit=limit, early=early)
-
-        monkeypatch.setattr(eng.cache, "prefetch", spy)
-        list(eng.generate(GenRequest(id="l", prompt=[1, 2, 3], max_tokens=3)))
-        per_pass = len(eng.banks) - 1  # every bank but the last guesses
-        one_token = calls[-2 * per_pass:]  # the last two decode steps
-        assert len(calls) >= 2 * per_pass
-        assert all(len(k) == 2 and e == 1 for k, e in one_token)  # one token's 2 guesses
-        assert all(k[0][0] == k[1][0] for k, _e in one_token)  # both for the next layer
-
-
 def test_guesses_go_best_first():
     from flashmoe.orchestrator.streamed import _best_first
 
-    guess = np.array([[[[5, 2, 9]], [[2, 7, 5]]]])  # two tokens, each its best three
-    assert _best_first(guess, [3]) == ([(3, 5), (3, 2), (3, 7), (3, 9)], 4)
-    # the first choices are early; 7 and 9 only come second and third: late
-    assert _best_first(guess, [3], 1) == ([(3, 5), (3, 2), (3, 7), (3, 9)], 2)
-    assert _best_first(guess, [3], 2) == ([(3, 5), (3, 2), (3, 7), (3, 9)], 3)
-    # two layers ahead: the nearest layer's guesses first, the farther ones all late
-    guess = np.array([[[[5, 2], [1, 5]], [[2, 7], [1, 4]]]])  # token, layer, rank
-    want = [(3, 5), (3, 2), (3, 7), (4, 1), (4, 5), (4, 4)]
-    assert _best_first(guess, [3, 4]) == (want, 3)
-    assert _best_first(guess, [3, 4], 1) == (want, 2)
+    guess = np.array([[[5, 2, 9], [2, 7, 5]]])  # two tokens, each its best three
+    assert _best_first(guess) == [5, 2, 7, 9]  # every first choice, then every second, ...
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -397,25 +313,6 @@ def test_guesses_stay_pinned_until_their_layer(models, monkeypatch):
         for s in filler + first:
             t.failed(s, t.generation(s), cancelled=True)
             t.release(s)
-
-
-def test_late_guesses_wait_for_the_demanded_loads(models, monkeypatch):
-    """Guesses for the next layer may be read beside the demanded loads; farther ones (late)
-    only once the disk has nothing demanded left to read."""
-    monkeypatch.setenv("FLASHMOE_PREFETCH_DEPTH", "4")
-    path = models[("qwen3_moe", "mlx")]
-    with Engine(str(path), memory_budget=3 * quarter_budget(path), dtype="float32") as eng:
-        cache, t = eng.cache, eng.cache.table
-        l0, l1, l2 = eng.store.moe_layers[:3]
-        p = cache.begin(l0, [0, 1])  # two demanded loads in flight
-        assert p.inflight
-        assert cache.prefetch([(l1, 2), (l2, 3), (l2, 4)], early=1) == 3
-        assert t.lookup((l1, 2)) is not None  # the early one goes at once
-        assert t.lookup((l2, 3)) is None and t.lookup((l2, 4)) is None  # the late ones wait
-        cache.finish(p)
-        cache.release(p.slots)
-        assert t.lookup((l2, 3)) is not None and t.lookup((l2, 4)) is not None
-        assert cache.stats.prefetched == 3
 
 
 def test_exhausted_pool_leaves_no_stuck_slot(models):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flashmoe.errors import LoadError
-from flashmoe.orchestrator.loaders import LoaderPool, ThreadLoader
+from flashmoe.orchestrator.loaders import LoaderPool
 from flashmoe.shm.pool import ExpertPool
 from flashmoe.store import open_store
 
@@ -54,18 +54,6 @@ def loader():
             lp.close()
 
 
-@pytest.fixture(scope="module")
-def thread_loader():
-    with ExpertPool.create(16, 256 << 10) as pool, ThreadLoader(pool, threads=3) as tl:
-        yield tl
-
-
-@pytest.fixture(params=["processes", "threads"])
-def either(request, loader, thread_loader):
-    """The loader workers, then the coordinator's own loader threads: same interface."""
-    return loader if request.param == "processes" else thread_loader
-
-
 def assert_record(pool: ExpertPool, slot: int, store, layer: int, expert: int) -> None:
     want = store.read_record(layer, expert)
     got = pool.slot(slot)
@@ -76,8 +64,7 @@ def assert_record(pool: ExpertPool, slot: int, store, layer: int, expert: int) -
 
 @pytest.mark.parametrize("kind", ["hf", "mlx", "packed", "packed-mlx"])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
-def test_fills_slots_with_the_right_bytes(stores, either, kind, direct):
-    loader = either
+def test_fills_slots_with_the_right_bytes(stores, loader, kind, direct):
     store = open_store(stores[kind])
     pool = loader.pool
     assert store.layout.nbytes <= pool.slot_bytes
@@ -130,8 +117,7 @@ def test_urgent_pieces_go_first_and_guesses_take_few_threads():
     assert t.get() == (None, True)
 
 
-def test_checksum_mismatch_names_the_file(stores, either):
-    loader = either
+def test_checksum_mismatch_names_the_file(stores, loader):
     store = open_store(stores["packed"])
     ext = store.extents(store.moe_layers[0], 3)
     bad = store.checksum(store.moe_layers[0], 3) ^ 1
@@ -182,8 +168,7 @@ def test_record_checked_in_pieces(tmp_path):
             assert not done[r2].ok and "checksum mismatch" in done[r2].error
 
 
-def test_truncated_and_missing_files_fail_clearly(tmp_path, either):
-    loader = either
+def test_truncated_and_missing_files_fail_clearly(tmp_path, loader):
     f = tmp_path / "short.bin"
     f.write_bytes(os.urandom(10000))
     r1 = loader.submit(0, [[str(f), 8192, 4096, 0]])
@@ -303,46 +288,6 @@ def test_close_leaves_no_socket_and_no_processes():
         assert not any(_alive(p) for p in pids)
 
 
-def test_doorbell_reports_a_load_before_its_reply(tmp_path, loader):
-    """A spinning poll learns of a load from its slot's doorbell (a completion without the
-    worker's time, which only the reply carries), with the right bytes, and the reply that
-    follows is dropped: one completion per load."""
-    data = os.urandom(64 << 10)
-    f = tmp_path / "rec.bin"
-    f.write_bytes(data)
-    rung = 0
-    for _ in range(20):
-        rid = loader.submit(0, [[str(f), 0, len(data), 0]], zlib.crc32(data))
-        got = []
-        while not got:
-            got = loader.poll(5.0, spin_s=1.0)
-        (c,) = got
-        assert c.req == rid and c.ok and c.nbytes == len(data), c
-        assert bytes(loader.pool.slot(0)[: len(data)]) == data
-        rung += c.us == 0
-    assert rung > 0, "no load was seen by its doorbell"
-    assert loader.poll(0.3) == []  # the replies came and went
-    print(f"\n{rung} of 20 loads seen at the doorbell")
-
-
-def test_a_stale_doorbell_is_not_a_completion(tmp_path):
-    """A doorbell still holding an id from an earlier pool (ids start again at 1) must not
-    pass for a new load of the same slot: a failed load stays failed."""
-    with ExpertPool.create(2, 64 << 10) as pool:
-        bells = pool.doorbells()
-        try:
-            bells[0] = 1  # the id the new pool's first request gets
-            with LoaderPool(pool, workers=1, threads=1) as lp:
-                rid = lp.submit(0, [[str(tmp_path / "gone.bin"), 0, 4096, 0]])
-                assert rid == 1
-                got = []
-                while not got:
-                    got = lp.poll(5.0, spin_s=1.0)
-            assert not got[0].ok and "gone.bin" in got[0].error
-        finally:
-            bells.release()
-
-
 def test_round_trip_overhead(tmp_path, loader):
     f = tmp_path / "tiny.bin"
     f.write_bytes(b"x" * 64)
@@ -359,63 +304,3 @@ def test_round_trip_overhead(tmp_path, loader):
         f"\nsubmit->completion for 64 B: p50 {lat[150] * 1e6:.0f} us, p99 {lat[297] * 1e6:.0f} us"
     )
     assert lat[150] < 0.05
-
-
-def test_thread_loader_wait_wakes_and_errors_are_replies(tmp_path, monkeypatch):
-    """``wake`` ends a ``wait`` at once, and a completion does too; an unexpected error in a
-    read thread comes back as a failed load naming the file, and the thread keeps serving."""
-    f = tmp_path / "rec.bin"
-    f.write_bytes(os.urandom(8192))
-    with ExpertPool.create(2, 16384) as pool, ThreadLoader(pool, threads=2) as tl:
-        t0 = time.monotonic()
-        assert tl.poll(0.3) == [] and time.monotonic() - t0 >= 0.25
-        tl.wake()
-        assert tl.poll(0.2) == []  # a poll does not end on a wake...
-        t0 = time.monotonic()
-        tl.wait(10.0)  # ...a wait does, a pending one included
-        assert time.monotonic() - t0 < 1.0
-        tl.submit(0, [[str(f), 0, 8192, 0]])
-        tl.wait(10.0)
-        assert time.monotonic() - t0 < 2.0 and tl.poll(0.0)[0].ok
-        real = tl._loader.reader.read
-        calls = []
-
-        def read(buf, p):
-            calls.append(p)
-            if len(calls) == 1:
-                raise RuntimeError("boom")
-            return real(buf, p)
-        monkeypatch.setattr(tl._loader.reader, "read", read)
-        bad = tl.submit(0, [[str(f), 0, 8192, 0]], zlib.crc32(f.read_bytes()))
-        done = wait_all(tl, [bad])  # the first read raises
-        good = tl.submit(1, [[str(f), 0, 8192, 0]], zlib.crc32(f.read_bytes()))
-        done.update(wait_all(tl, [good]))
-        assert not done[bad].ok and "RuntimeError: boom" in done[bad].error
-        assert str(f) in done[bad].error
-        assert done[good].ok and bytes(pool.slot(1)[:8192]) == f.read_bytes()
-        assert tl.inflight() == 0
-
-
-def test_wait_sleeps_until_a_reply_or_a_wake(tmp_path, loader):
-    """``wait`` sleeps on the socket's descriptor without calling into the socket: it ends
-    when a reply comes in, when another thread wakes it, or at its timeout."""
-    import threading
-
-    f = tmp_path / "rec.bin"
-    f.write_bytes(os.urandom(4096))
-    loader.wait(0.0)  # a wake left by earlier tests ends one wait early, as it may
-    loader.poll(0.0)
-    t0 = time.monotonic()
-    loader.wait(0.3)
-    assert time.monotonic() - t0 >= 0.25  # nothing came
-    rid = loader.submit(0, [[str(f), 0, 4096, 0]])
-    done = {}
-    deadline = time.monotonic() + 10
-    while rid not in done and time.monotonic() < deadline:
-        loader.wait(10.0)
-        done.update((c.req, c) for c in loader.poll(0.0))
-    assert rid in done and done[rid].ok and time.monotonic() < deadline - 5
-    threading.Timer(0.1, loader.wake).start()
-    t0 = time.monotonic()
-    loader.wait(10.0)
-    assert time.monotonic() - t0 < 5

@@ -35,7 +35,6 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
@@ -249,21 +248,14 @@ class Loader:
         worker_id: int = 0,
         chunk: int = DEFAULT_CHUNK,
         guess_threads: int | None = None,
-        deliver: Callable[[LoadDone | LoadFailed], None] | None = None,
     ):
-        """``deliver``: hand each reply to this function, called in the I/O thread that made
-        it, instead of sending it on a socket (the coordinator's in-process loader)."""
-        if (endpoint is None) == (deliver is None):
-            raise ValueError("give exactly one of endpoint and deliver")
         self.pool = pool
         self.chunk = chunk
         self.endpoint = endpoint
         self.worker_id = worker_id
         self.tasks = _Tasks(guess_threads or max(1, threads // 4))
         self._local = threading.local()  # .send: this thread's socket
-        self._deliver = deliver
         self.reader = PieceReader()
-        self._bells = pool.doorbells() if deliver is None else None
         self._threads = [
             threading.Thread(target=self._run, args=(i,), name=f"flashmoe-read{i}", daemon=True)
             for i in range(threads)
@@ -298,15 +290,10 @@ class Loader:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         self.reader.close()
-        if self._bells is not None:
-            self._bells.release()  # lets the pool unmap
 
     # -- I/O threads ---------------------------------------------------------------------------
 
     def _run(self, index: int) -> None:
-        if self._deliver is not None:
-            self._serve()
-            return
         sock = dealer(self.endpoint, identity=f"{self.worker_id}:{index}".encode())
         self._local.send = sock.send_multipart
         try:
@@ -363,22 +350,7 @@ class Loader:
                     f"checksum mismatch: record of {job.record_end} bytes from {', '.join(files)} "
                     f"has crc32 {crc:08x}, the store says {req.checksum:08x}"
                 )
-        if err is None:
-            self._ring(job)
         self._reply(job, err)
-
-    def _ring(self, job: _Job) -> None:
-        """Write the request id into its slot's doorbell, before the reply: a waiting
-        coordinator sees it at once. Under the job's lock, whose acquire orders the store after
-        every piece's bytes (the threads that read them released it)."""
-        if self._bells is None:
-            return  # in-process: the reply itself is as quick
-        try:
-            with job.lock:
-                if job.req.slot < len(self._bells):
-                    self._bells[job.req.slot] = job.req.req
-        except ValueError:
-            pass  # closing: the reply still goes
 
     def _reply(self, job: _Job, err: str | None) -> None:
         req = job.req
@@ -387,10 +359,7 @@ class Loader:
             msg = LoadDone(req.req, req.generation, req.slot, job.record_end, us)
         else:
             msg = LoadFailed(req.req, req.generation, req.slot, err)
-        if self._deliver is not None:
-            self._deliver(msg)
-        else:
-            self._local.send(encode(msg))
+        self._local.send(encode(msg))
 
 
 def serve(args: argparse.Namespace) -> int:
