@@ -67,6 +67,7 @@ from flashmoe.protocol.messages import (
     decode,
     encode,
 )
+from flashmoe.protocol.request import Request
 
 log = logging.getLogger("flashmoe.daemon")
 
@@ -111,11 +112,9 @@ def check(engine: Any, req: Any) -> None:
         raise ValueError(f"cannot read the request: {type(e).__name__}: {e}") from None
 
 
-def new_request(**fields: Any) -> Any:
-    """An engine ``GenRequest`` (imported here so that ``status``/``stop`` never load MLX)."""
-    from flashmoe.orchestrator.engine import GenRequest
-
-    return GenRequest(**fields)
+def new_request(**fields: Any) -> Request:
+    """A ``Request`` with its fields checked (``RequestError``, a ``ValueError``, if not)."""
+    return Request(**fields)
 
 
 class Service:
@@ -331,6 +330,9 @@ class Front:
             top_k=msg.top_k,
             min_p=msg.min_p,
             seed=msg.seed,
+            stop=list(msg.stop),
+            logprobs=msg.logprobs,
+            top_logprobs=msg.top_logprobs,
         )
         self._reqs[key] = _Req(ident, msg.id, msg.stream)
         try:

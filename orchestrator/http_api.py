@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
 import threading
 import time
 import uuid
@@ -30,6 +29,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from flashmoe.protocol.request import Request as GenRequest
+from flashmoe.protocol.request import RequestError
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -54,28 +56,6 @@ class ApiError(Exception):
 
 
 # -- body checks ----------------------------------------------------------------------------------
-
-
-def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ApiError(f"'{name}' must be a number", param=name)
-    if not (math.isfinite(v) and lo <= v <= hi):
-        raise ApiError(f"'{name}' must be in [{lo:g}, {hi:g}], got {v}", param=name)
-    return float(v)
-
-
-def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ApiError(f"'{name}' must be an integer", param=name)
-    if not lo <= v <= hi:
-        raise ApiError(f"'{name}' must be in [{lo}, {hi}], got {v}", param=name)
-    return v
 
 
 def _content(v: Any, i: int) -> str:
@@ -117,22 +97,18 @@ def _prompt(body: dict) -> str | list[int]:
     )
 
 
-def _sampling(body: dict, max_tokens_limit: int) -> dict:
-    if _integer(body, "n", 1, 1, 1) != 1:
+def _sampling(body: dict) -> dict:
+    """The request fields of an OpenAI body (checked by ``Request.check``)."""
+    if body.get("n", 1) != 1:
         raise ApiError("only n=1 is supported", param="n")
-    if body.get("stop") not in (None, "", []):
-        raise ApiError("stop sequences are not supported", param="stop")
     name = (
         "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     )
-    return {
-        "max_tokens": _integer(body, name, DEFAULT_MAX_TOKENS, 1, max_tokens_limit),
-        "temperature": _number(body, "temperature", 0.0, 0.0, 100.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0),
-        "top_k": _integer(body, "top_k", 0, 0, 2**31 - 1),
-        "min_p": _number(body, "min_p", 0.0, 0.0, 1.0),
-        "seed": _integer(body, "seed", None, 0, 2**63 - 1),
-    }
+    fields = {"max_tokens": body.get(name, DEFAULT_MAX_TOKENS)}
+    for key in ("temperature", "top_p", "top_k", "min_p", "seed", "stop"):
+        if body.get(key) is not None:
+            fields[key] = body[key]
+    return fields
 
 
 def _flag(body: dict, name: str) -> bool:
@@ -217,16 +193,18 @@ class _Api:
         return await self._complete(request, body, {"prompt": _prompt(body)}, chat=False)
 
     async def _complete(self, request: Request, body: dict, fields: dict, chat: bool) -> Response:
-        from flashmoe.orchestrator.daemon import new_request
-
-        fields.update(_sampling(body, self.service.settings.max_tokens_limit))
+        fields.update(_sampling(body))
         stream = _flag(body, "stream")
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise ApiError("'stream_options' must be an object", param="stream_options")
         usage = _flag(opts, "include_usage")
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        req = new_request(id=rid, **fields)
+        req = GenRequest(id=rid, **fields)
+        try:
+            req.check(self.service.settings.max_tokens_limit)
+        except RequestError as e:
+            raise ApiError(str(e), param=e.param) from None
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
 

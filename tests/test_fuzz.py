@@ -228,7 +228,7 @@ _BAD_FIELDS = {
     "min_p": [-0.1, 1.5, "0"],
     "seed": [-1, 2**70, 1.5, "s"],
     "n": [2, 0, "1"],
-    "stop": [["\n"], "x"],
+    "stop": [[""], 3, ["x"] * 17],
     "stream": ["yes", 1, {}],
     "stream_options": ["x", {"include_usage": "yes"}],
 }  # fmt: skip

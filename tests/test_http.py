@@ -123,7 +123,7 @@ def test_api_key(server: Daemon, http: httpx.Client, reference: dict) -> None:
         {"top_p": 2},
         {"n": 2},
         {"stream": "yes"},
-        {"stop": ["\n"]},
+        {"stop": [""]},
         {"model": "gpt-4"},
         {"model": None},
     ],
