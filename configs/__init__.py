@@ -74,6 +74,7 @@ class Settings:
     max_prompt_tokens: int = 32768
     max_tokens_limit: int = 32768
     max_message_bytes: int = 4194304
+    max_queued_requests: int = 64
 
     def with_overrides(self, **kw) -> Settings:
         """Return a copy with the given non-None values replaced."""

@@ -52,13 +52,15 @@ class StopText:
         self.stops = stops
         self.keep = max((len(s) for s in stops), default=1) - 1
         self.held = ""
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> tuple[str, bool]:
         if not self.stops:
             return text, False
         self.held += text
-        cut = min((i for i in (self.held.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stops if (i := self.held.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found)
             out, self.held = self.held[:cut], ""
             return out, True
         n = len(self.held) - self.keep

@@ -61,6 +61,7 @@ class Chunk:
     stats: dict | None = None
     error: str | None = None
     logprobs: list[dict] | None = None  # one per token id, when the request asked for them
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass
@@ -207,7 +208,7 @@ class Scheduler:
                                           a.t_first or time.perf_counter(), time.perf_counter())
         try:
             a.on_chunk(Chunk(a.req.id, text, list(token_ids), finish_reason=reason, stats=stats,
-                             error=error, logprobs=logprobs))
+                             error=error, logprobs=logprobs, stop_sequence=a.stop.matched))
         except Exception as e:  # a broken callback must not take the engine down
             print(f"engine: callback for {a.req.id} failed: {e!r}", file=sys.stderr, flush=True)
 

@@ -238,6 +238,9 @@ _NON_FINITE = [b'{"model": "M", "prompt": "x", "temperature": NaN}',
                b'{"model": "M", "prompt": "x", "max_tokens": 1e400}']  # fmt: skip
 
 
+_JSON = {"Content-Type": "application/json"}
+
+
 def _http_case(rng: random.Random, name: str) -> tuple[str, str, dict]:
     """(method, path, httpx kwargs) of a request that must get a 4xx."""
     chat = rng.random() < 0.5
@@ -257,10 +260,11 @@ def _http_case(rng: random.Random, name: str) -> tuple[str, str, dict]:
     if what == 6:
         raw = json.dumps(body).encode()
         cut = raw[: rng.randrange(len(raw))] + rng.randbytes(rng.randint(0, 4))
-        return "POST", path, {"content": rng.choice([cut, rng.randbytes(20), b"", b"[]", b"1"])}
+        raw = rng.choice([cut, rng.randbytes(20), b"", b"[]", b"1", b"[" * 10**5])
+        return "POST", path, {"content": raw, "headers": _JSON}
     if what == 7:
         raw = rng.choice(_NON_FINITE).replace(b'"M"', json.dumps(name).encode())
-        return "POST", "/v1/completions", {"content": raw}
+        return "POST", "/v1/completions", {"content": raw, "headers": _JSON}
     if what == 8:
         method = rng.choice(["GET", "PUT", "DELETE", "PATCH"])
         return method, rng.choice([path, "/v1/models/x", "/v2/chat", "/../etc", "/%00"]), {}
