@@ -31,6 +31,7 @@ from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.orchestrator.cache import ExpertCache, plan_pool
 from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, make_copier, on_cuda
 from flashmoe.orchestrator.loaders import LoaderPool, ThreadLoader
+from flashmoe.orchestrator.prefix_cache import PrefixCache
 from flashmoe.orchestrator.sampling import StopText, sampler_for
 from flashmoe.orchestrator.scheduler import Chunk, GenRequest, Lanes, Scheduler, check_finite
 from flashmoe.orchestrator.streamed import find_banks, install_streamed_banks
@@ -223,6 +224,9 @@ class Engine:
             self.dense_bytes = sum(v.nbytes for _, v in tree_flatten(params))
             self.tokenizer = load_tokenizer(self.store.dense_dir,
                                             eos_token_ids=self.config.get("eos_token_id"))
+            self.prefix_cache = PrefixCache(s.prefix_cache_entries,
+                                            parse_size(s.prefix_cache_bytes)) \
+                if s.prefix_cache_entries > 0 else None
         except BaseException:
             self._shutdown_io()
             raise
@@ -418,6 +422,7 @@ class Engine:
             "queued": self._queue.qsize(),
             "workers": self.loader.workers_info(),
             "dense_bytes": self.dense_bytes,
+            **(self.prefix_cache.stats() if self.prefix_cache is not None else {}),
         }
 
     def close(self) -> None:

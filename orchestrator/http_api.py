@@ -126,6 +126,11 @@ _METRICS = (
     ),
     ("uptime_seconds", "gauge", "Seconds since the daemon started.", ("uptime_s",)),
     ("compute_lanes", "gauge", "Threads that decode concurrent requests.", ("lanes",)),
+    ("prefix_tokens_reused_total", "counter", "Prompt tokens taken from the prefix cache.",
+     ("prefix_tokens_reused",)),
+    ("prefix_cache_entries", "gauge", "Sequences in the prefix cache.", ("prefix_cache_entries",)),
+    ("prefix_cache_bytes", "gauge", "Bytes of KV cache in the prefix cache.",
+     ("prefix_cache_bytes",)),
 )
 
 

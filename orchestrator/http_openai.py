@@ -228,8 +228,10 @@ class _Reply:
     @staticmethod
     def _usage(last: Any, n: int) -> dict:
         prompt, completion = usage_of(last, n)
+        cached = int((last.stats or {}).get("prompt_tokens_reused") or 0)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def logprobs(self, lps: list[dict] | None) -> dict | None:
         if not lps:

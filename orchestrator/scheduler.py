@@ -75,6 +75,7 @@ class _Active:
     t_first: float | None = None
     ids: list[int] = field(default_factory=list)
     stop: StopText = field(default_factory=lambda: StopText([]))
+    reused: int = 0  # prompt tokens taken from the prefix cache
 
 
 class Scheduler:
@@ -119,6 +120,8 @@ class Scheduler:
                 if a is None:
                     continue
                 a.t_first = a.t_first or now
+                if r.finish_reason is not None and r.prompt_cache is not None:
+                    self._keep(r.all_tokens, r.prompt_cache)
                 try:
                     check_finite(r.logprobs, r.token, len(a.ids))
                 except FlashMoeError as e:
@@ -140,7 +143,8 @@ class Scheduler:
             else None
         if hit:
             if r.finish_reason is None:
-                self.gen.remove([uid])
+                for cache, tokens in self.gen.remove([uid], return_prompt_caches=True).values():
+                    self._keep(tokens, cache)
             self._finish(uid, "stop", text=text, token_ids=[r.token], logprobs=lps)
             return
         a.on_chunk(Chunk(a.req.id, text, [r.token], logprobs=lps))
@@ -178,15 +182,27 @@ class Scheduler:
                 prompt = self.engine.prepare(req)  # tokenized once: by the front, if it checked
                 if self.gen is None:
                     self.gen = self._new_gen()
-                (uid,) = self.gen.insert([prompt], max_tokens=[req.max_tokens],
-                                         samplers=[sampler_for(req)])
+                cache, reused = self._fetch(prompt)
+                (uid,) = self.gen.insert([prompt[reused:]], max_tokens=[req.max_tokens],
+                                         samplers=[sampler_for(req)],
+                                         caches=[cache] if cache else None,
+                                         all_tokens=[prompt[:reused]] if cache else None)
             except Exception as e:  # one bad request must not end the engine thread
                 on_chunk(Chunk(req.id, "", [], finish_reason="error", error=str(e)))
                 continue
             detok = self.engine.tokenizer.detokenizer  # a fresh copy each time
             self.active[uid] = _Active(req, on_chunk, len(prompt), detok, self.engine.snapshot(),
-                                       stop=StopText(req.stop))
+                                       stop=StopText(req.stop), reused=reused)
         return False
+
+    def _fetch(self, prompt: list[int]) -> tuple[list | None, int]:
+        prefix = getattr(self.engine, "prefix_cache", None)
+        return prefix.fetch(prompt) if prefix is not None else (None, 0)
+
+    def _keep(self, tokens: list[int], cache: list) -> None:
+        prefix = getattr(self.engine, "prefix_cache", None)
+        if prefix is not None:
+            prefix.insert(tokens, cache)
 
     def _cancel(self, cancelled: set) -> None:
         gone = [uid for uid, a in self.active.items() if a.req.id in cancelled]
@@ -206,6 +222,7 @@ class Scheduler:
             text += "" if hit else a.stop.flush()
         stats = self.engine.request_stats(a.snap, a.prompt_len, len(a.ids), a.t0,
                                           a.t_first or time.perf_counter(), time.perf_counter())
+        stats["prompt_tokens_reused"] = a.reused
         try:
             a.on_chunk(Chunk(a.req.id, text, list(token_ids), finish_reason=reason, stats=stats,
                              error=error, logprobs=logprobs, stop_sequence=a.stop.matched))
