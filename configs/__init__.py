@@ -67,6 +67,9 @@ class Settings:
     max_prompt_tokens: int = 32768
     max_tokens_limit: int = 32768
     max_message_bytes: int = 4194304
+    max_queued_requests: int = 64
+    prefix_cache_entries: int = 8
+    prefix_cache_bytes: str = "1GiB"
 
     def with_overrides(self, **kw) -> Settings:
         """Return a copy with the given non-None values replaced."""

@@ -67,6 +67,7 @@ from flashmoe.protocol.messages import (
     decode,
     encode,
 )
+from flashmoe.protocol.request import Request
 
 log = logging.getLogger("flashmoe.daemon")
 
@@ -111,11 +112,9 @@ def check(engine: Any, req: Any) -> None:
         raise ValueError(f"cannot read the request: {type(e).__name__}: {e}") from None
 
 
-def new_request(**fields: Any) -> Any:
-    """An engine ``GenRequest`` (imported here so that ``status``/``stop`` never load MLX)."""
-    from flashmoe.orchestrator.engine import GenRequest
-
-    return GenRequest(**fields)
+def new_request(**fields: Any) -> Request:
+    """A ``Request`` with its fields checked (``RequestError``, a ``ValueError``, if not)."""
+    return Request(**fields)
 
 
 class Service:
@@ -147,8 +146,7 @@ class Service:
         """
         if not self.accepting:
             raise ServiceStopping("flashmoe-daemon is stopping")
-        with self._validate_lock:  # the front and the HTTP thread share one tokenizer
-            check(self.engine, req)
+        self.prepare(req)
 
         def relay(chunk: Any) -> None:
             with self._lock:
@@ -171,6 +169,12 @@ class Service:
             with self._lock:
                 self._running.discard(req.id)
             raise
+
+    def prepare(self, req: Any) -> list[int]:
+        """Check ``req`` and tokenize its prompt (once; ``ValueError`` if it cannot be served)."""
+        with self._validate_lock:  # the front and the HTTP threads share one tokenizer
+            check(self.engine, req)
+        return req.tokens
 
     def cancel(self, req_id: str) -> None:
         """Cancel a running request (a no-op if it already finished)."""
@@ -331,6 +335,9 @@ class Front:
             top_k=msg.top_k,
             min_p=msg.min_p,
             seed=msg.seed,
+            stop=list(msg.stop),
+            logprobs=msg.logprobs,
+            top_logprobs=msg.top_logprobs,
         )
         self._reqs[key] = _Req(ident, msg.id, msg.stream)
         try:
@@ -504,6 +511,13 @@ def serve(args: argparse.Namespace, engine_factory: Callable | None = None) -> i
     engine = http = front = None
     t0 = time.monotonic()
     try:
+        if args.http:  # before the model loads: a refused address fails at once
+            from flashmoe.orchestrator.http_guard import check_bind
+
+            host, port = parse_http(args.http)
+            warning = check_bind(host, args.api_key, args.allow_public)
+            if warning:
+                log.warning("%s", warning)
         log.info("flashmoe-daemon pid %d: loading %s", os.getpid(), args.model)
         kw = {"memory_budget": args.memory_budget, "workers": args.workers}
         engine = factory(args.model, settings, **{k: v for k, v in kw.items() if v is not None})
@@ -512,8 +526,8 @@ def serve(args: argparse.Namespace, engine_factory: Callable | None = None) -> i
         if args.http:
             from flashmoe.orchestrator.http_api import HttpServer, create_app
 
-            host, port = parse_http(args.http)
-            http = HttpServer(create_app(service, api_key=args.api_key), host, port)
+            app = create_app(service, args.api_key, host, args.allow_origin)
+            http = HttpServer(app, host, port)
             http.start()
             service.info["http"] = http.url
         front = Front(service, paths, settings)
@@ -581,6 +595,8 @@ def _start_detached(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             cmd += [flag, str(value)]
+    cmd += [a for o in args.allow_origin or () for a in ("--allow-origin", o)]
+    cmd += ["--allow-public"] if args.allow_public else []
     env = dict(os.environ)
     if args.api_key:  # through the environment: argv is visible to every user in `ps`
         env["FLASHMOE_API_KEY"] = args.api_key
@@ -700,6 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FLASHMOE_API_KEY"),
         help="require 'Authorization: Bearer KEY' on HTTP (FLASHMOE_API_KEY)",
     )
+    p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="let browser pages of ORIGIN (e.g. http://localhost:3000, or *) call "
+                   "the HTTP API; repeatable (default: none)")
+    p.add_argument("--allow-public", action="store_true",
+                   help="serve --http beyond loopback without --api-key (prints a warning)")
     p.add_argument("--foreground", action="store_true", help="do not detach")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for ready")
     p.add_argument(

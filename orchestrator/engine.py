@@ -9,6 +9,7 @@ requests on an engine thread for the daemon.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import resource
@@ -30,15 +31,11 @@ from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.orchestrator.cache import ExpertCache, plan_pool
 from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, make_copier, on_cuda
 from flashmoe.orchestrator.loaders import LoaderPool
-from flashmoe.orchestrator.scheduler import (
-    Chunk,
-    GenRequest,
-    Lanes,
-    Scheduler,
-    check_finite,
-    sampler_for,
-)
+from flashmoe.orchestrator.prefix_cache import PrefixCache
+from flashmoe.orchestrator.sampling import StopText, sampler_for
+from flashmoe.orchestrator.scheduler import Chunk, GenRequest, Lanes, Scheduler, check_finite
 from flashmoe.orchestrator.streamed import find_banks, install_streamed_banks
+from flashmoe.protocol.request import RequestError, prompt_bytes
 from flashmoe.shm.pool import ExpertPool, cleanup_stale
 from flashmoe.store import open_store
 
@@ -208,48 +205,69 @@ class Engine:
             self.dense_bytes = sum(v.nbytes for _, v in tree_flatten(params))
             self.tokenizer = load_tokenizer(self.store.dense_dir,
                                             eos_token_ids=self.config.get("eos_token_id"))
+            self.prefix_cache = PrefixCache(s.prefix_cache_entries,
+                                            parse_size(s.prefix_cache_bytes)) \
+                if s.prefix_cache_entries > 0 else None
         except BaseException:
             self._shutdown_io()
             raise
 
     # -- requests ---------------------------------------------------------------------------
     def validate(self, req: GenRequest) -> None:
-        """Raise ``ValueError`` with a clear message for a request that cannot be served."""
+        """Raise ``ValueError`` (a ``RequestError``) with a clear message for a request that
+        cannot be served; tokenizes its prompt (once: see ``prepare``)."""
+        self.prepare(req)
+
+    def prepare(self, req: GenRequest) -> list[int]:
+        """Check ``req`` and return its prompt's token ids, tokenized the first time only (kept
+        in ``req.tokens``). A prompt too long in bytes to fit ``max_prompt_tokens`` whatever
+        its tokens is refused before it is tokenized."""
+        if req.tokens is not None:
+            return req.tokens
         s = self.settings
-        if (req.prompt is None) == (req.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
-        if not 1 <= req.max_tokens <= s.max_tokens_limit:
-            raise ValueError(f"max_tokens must be in 1..{s.max_tokens_limit}")
-        if not (req.temperature >= 0 and req.temperature < 1e4):
-            raise ValueError("temperature must be >= 0")
-        if not 0 < req.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if req.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if not 0 <= req.min_p <= 1:
-            raise ValueError("min_p must be in [0, 1]")
+        req.check(s.max_tokens_limit)
+        limit = s.max_prompt_tokens
+        if prompt_bytes(req) > limit * self.max_token_bytes:
+            raise RequestError(f"prompt longer than {limit} tokens", "prompt")
         if isinstance(req.prompt, list):
-            vocab = len(self.tokenizer.vocab) if hasattr(self.tokenizer, "vocab") else 1 << 31
-            if not req.prompt or not all(type(t) is int and 0 <= t < vocab for t in req.prompt):
-                raise ValueError(f"prompt token ids must be a non-empty list of ints in 0..{vocab}")
-        if req.messages is not None:
-            for m in req.messages:
-                if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
-                        m.get("role") not in ("system", "user", "assistant", "tool"):
-                    raise ValueError("messages must be a list of {role, content} objects")
-        n = len(self.encode(req))
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n > s.max_prompt_tokens:
-            raise ValueError(f"prompt longer than {s.max_prompt_tokens} tokens")
+            vocab = self.vocab_size
+            if not all(t < vocab for t in req.prompt):
+                raise RequestError(f"prompt token ids must be in 0..{vocab - 1}", "prompt")
+        try:
+            ids = self.encode(req)
+        except RequestError:
+            raise
+        except Exception as e:  # a chat template or tokenizer refusing odd input
+            raise RequestError(f"cannot read the request: {type(e).__name__}: {e}") from None
+        if not ids:
+            raise RequestError("the prompt is empty", "prompt")
+        if len(ids) > limit:
+            raise RequestError(f"prompt longer than {limit} tokens", "prompt")
+        req.tokens = ids
+        return ids
+
+    @functools.cached_property
+    def vocab_size(self) -> int:
+        tok = self.tokenizer
+        return len(tok.vocab) if hasattr(tok, "vocab") else 1 << 31
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes any one token's text takes (an upper bound on the bytes per token:
+        byte-level and sentencepiece vocabularies spell each byte with one or more)."""
+        vocab = getattr(self.tokenizer, "vocab", None)
+        if not vocab:
+            return 1 << 20
+        return max(len(str(k).encode()) for k in vocab)
 
     def encode(self, req: GenRequest) -> list[int]:
         """Token ids of the prompt: a string exactly as ``mlx_lm.generate`` encodes it, or the
         chat template applied to ``messages``."""
         tok = self.tokenizer
         if req.messages is not None:
+            kw = {"tools": req.tools} if req.tools else {}
             ids = tok.apply_chat_template(req.messages, add_generation_prompt=True,
-                                          tokenize=True)
+                                          tokenize=True, **kw)
             if isinstance(ids, dict):
                 ids = ids["input_ids"]
             return list(ids)
@@ -263,11 +281,9 @@ class Engine:
         """Generate for one request in the caller's thread, one chunk per token."""
         if self._closed:
             raise FlashMoeError("engine is closed")
-        self.validate(req)
-        prompt = self.encode(req)
-        if req.seed is not None:
-            mx.random.seed(req.seed)
+        prompt = self.prepare(req)
         sampler = sampler_for(req)
+        stop = StopText(req.stop)
         detok = self.tokenizer.detokenizer
         eos = set(self.tokenizer.eos_token_ids)
         snap = self.snapshot()
@@ -289,14 +305,21 @@ class Engine:
                     break
                 ids.append(token)
                 detok.add_token(token)
-                yield Chunk(req.id, detok.last_segment, [token])
+                text, hit = stop.feed(detok.last_segment)
+                yield Chunk(req.id, text, [token])
+                if hit:
+                    finish = "stop_string"
+                    break
         finally:
             self.cache.release_deferred(sync=True)  # the last layers' pins, once they have run
         detok.finalize()
+        tail, hit = stop.feed(detok.last_segment) if finish != "stop_string" else ("", True)
+        finish = "stop" if hit else finish
         t_end = time.perf_counter()
         stats = self.request_stats(snap, len(prompt), len(ids), t0, t_first or t_end, t_end)
         self._cancelled.discard(req.id)
-        yield Chunk(req.id, detok.last_segment, [], finish_reason=finish, stats=stats)
+        yield Chunk(req.id, tail + ("" if hit else stop.flush()), [], finish_reason=finish,
+                    stats=stats)
 
     def snapshot(self) -> tuple:
         st = self.cache.stats
@@ -380,6 +403,7 @@ class Engine:
             "queued": self._queue.qsize(),
             "workers": self.loader.workers_info(),
             "dense_bytes": self.dense_bytes,
+            **(self.prefix_cache.stats() if self.prefix_cache is not None else {}),
         }
 
     def close(self) -> None:

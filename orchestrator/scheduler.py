@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.sample_utils import make_sampler
 
 from flashmoe.errors import FlashMoeError
+from flashmoe.orchestrator.sampling import StopText, sampler_for, token_logprobs
+from flashmoe.protocol.request import Request
 
 
 def is_finite(logprobs: mx.array, token: int) -> bool:
@@ -48,17 +49,7 @@ def check_finite(logprobs: mx.array, token: int, step: int) -> None:
                             "broke down (dtype or backend problem); no token was produced")
 
 
-@dataclass
-class GenRequest:
-    id: str
-    prompt: str | list[int] | None = None  # a string, or token ids as they are
-    messages: list[dict] | None = None
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
+GenRequest = Request  # the engine's name for the one request type
 
 
 @dataclass
@@ -69,6 +60,8 @@ class Chunk:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" on the last chunk
     stats: dict | None = None
     error: str | None = None
+    logprobs: list[dict] | None = None  # one per token id, when the request asked for them
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass
@@ -81,13 +74,8 @@ class _Active:
     t0: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
     ids: list[int] = field(default_factory=list)
-
-
-def sampler_for(req):
-    # Below 1e-6, 1/T overflows; greedy is the limit of a vanishing temperature.
-    temp = req.temperature if req.temperature >= 1e-6 else 0.0
-    return make_sampler(temp, top_p=req.top_p if req.top_p < 1 else 0.0,
-                        min_p=req.min_p, top_k=req.top_k)
+    stop: StopText = field(default_factory=lambda: StopText([]))
+    reused: int = 0  # prompt tokens taken from the prefix cache
 
 
 class Scheduler:
@@ -132,6 +120,8 @@ class Scheduler:
                 if a is None:
                     continue
                 a.t_first = a.t_first or now
+                if r.finish_reason is not None and r.prompt_cache is not None:
+                    self._keep(r.all_tokens, r.prompt_cache)
                 try:
                     check_finite(r.logprobs, r.token, len(a.ids))
                 except FlashMoeError as e:
@@ -142,11 +132,24 @@ class Scheduler:
                 if r.finish_reason == "stop":
                     self._finish(r.uid, "stop")
                     continue
-                a.ids.append(r.token)
-                a.detok.add_token(r.token)
-                a.on_chunk(Chunk(a.req.id, a.detok.last_segment, [r.token]))
-                if r.finish_reason == "length":
-                    self._finish(r.uid, "length")
+                self._emit(r.uid, a, r)
+
+    def _emit(self, uid: int, a: _Active, r) -> None:
+        """Hand one generated token on, cut at a stop string if it completes one."""
+        a.ids.append(r.token)
+        a.detok.add_token(r.token)
+        text, hit = a.stop.feed(a.detok.last_segment)
+        lps = [token_logprobs(r.logprobs, r.token, a.req.top_logprobs)] if a.req.logprobs \
+            else None
+        if hit:
+            if r.finish_reason is None:
+                for cache, tokens in self.gen.remove([uid], return_prompt_caches=True).values():
+                    self._keep(tokens, cache)
+            self._finish(uid, "stop", text=text, token_ids=[r.token], logprobs=lps)
+            return
+        a.on_chunk(Chunk(a.req.id, text, [r.token], logprobs=lps))
+        if r.finish_reason == "length":
+            self._finish(uid, "length")
 
     def _idle(self) -> None:
         """Nothing active: once this lane's queued work has run, its deferred pins go; the
@@ -176,20 +179,30 @@ class Scheduler:
                 on_chunk(Chunk(req.id, "", [], finish_reason="cancelled"))
                 continue
             try:
-                self.engine.validate(req)
-                prompt = self.engine.encode(req)
-                if req.seed is not None:
-                    mx.random.seed(req.seed)  # exact only for a request that runs alone
+                prompt = self.engine.prepare(req)  # tokenized once: by the front, if it checked
                 if self.gen is None:
                     self.gen = self._new_gen()
-                (uid,) = self.gen.insert([prompt], max_tokens=[req.max_tokens],
-                                         samplers=[sampler_for(req)])
+                cache, reused = self._fetch(prompt)
+                (uid,) = self.gen.insert([prompt[reused:]], max_tokens=[req.max_tokens],
+                                         samplers=[sampler_for(req)],
+                                         caches=[cache] if cache else None,
+                                         all_tokens=[prompt[:reused]] if cache else None)
             except Exception as e:  # one bad request must not end the engine thread
                 on_chunk(Chunk(req.id, "", [], finish_reason="error", error=str(e)))
                 continue
             detok = self.engine.tokenizer.detokenizer  # a fresh copy each time
-            self.active[uid] = _Active(req, on_chunk, len(prompt), detok, self.engine.snapshot())
+            self.active[uid] = _Active(req, on_chunk, len(prompt), detok, self.engine.snapshot(),
+                                       stop=StopText(req.stop), reused=reused)
         return False
+
+    def _fetch(self, prompt: list[int]) -> tuple[list | None, int]:
+        prefix = getattr(self.engine, "prefix_cache", None)
+        return prefix.fetch(prompt) if prefix is not None else (None, 0)
+
+    def _keep(self, tokens: list[int], cache: list) -> None:
+        prefix = getattr(self.engine, "prefix_cache", None)
+        if prefix is not None:
+            prefix.insert(tokens, cache)
 
     def _cancel(self, cancelled: set) -> None:
         gone = [uid for uid, a in self.active.items() if a.req.id in cancelled]
@@ -199,14 +212,20 @@ class Scheduler:
                 cancelled.discard(self.active[uid].req.id)
                 self._finish(uid, "cancelled")
 
-    def _finish(self, uid: int, reason: str, error: str | None = None) -> None:
+    def _finish(self, uid: int, reason: str, error: str | None = None, text: str | None = None,
+                token_ids: tuple = (), logprobs: list[dict] | None = None) -> None:
         a = self.active.pop(uid)
-        a.detok.finalize()
+        if text is None:  # the detokenizer's tail, unless a stop string already ended the text
+            a.detok.finalize()
+            text, hit = a.stop.feed(a.detok.last_segment)
+            reason = "stop" if hit and reason == "length" else reason
+            text += "" if hit else a.stop.flush()
         stats = self.engine.request_stats(a.snap, a.prompt_len, len(a.ids), a.t0,
                                           a.t_first or time.perf_counter(), time.perf_counter())
+        stats["prompt_tokens_reused"] = a.reused
         try:
-            a.on_chunk(Chunk(a.req.id, a.detok.last_segment, [],
-                                         finish_reason=reason, stats=stats, error=error))
+            a.on_chunk(Chunk(a.req.id, text, list(token_ids), finish_reason=reason, stats=stats,
+                             error=error, logprobs=logprobs, stop_sequence=a.stop.matched))
         except Exception as e:  # a broken callback must not take the engine down
             print(f"engine: callback for {a.req.id} failed: {e!r}", file=sys.stderr, flush=True)
 

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import msgpack
 
 from flashmoe.errors import FlashMoeError
+from flashmoe.protocol.request import BOUNDS, MAX_STOP, MAX_STOP_CHARS
 
-PROTOCOL_VERSION = 3  # 2: Generate.prompt_ids; 3: LoadRequest.urgent
+PROTOCOL_VERSION = 4  # 2: Generate.prompt_ids; 3: LoadRequest.urgent; 4: Generate.stop, logprobs
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # the default of settings.max_message_bytes
 
 _U63 = (1 << 63) - 1
@@ -258,19 +259,22 @@ _ROLE_MESSAGE = _record(role=_str(64), content=_str())
     id=_ID,
     prompt=_optional(_str()),
     messages=_optional(_list(_ROLE_MESSAGE, 4096)),
-    max_tokens=_int(1, (1 << 31) - 1),
-    temperature=_float(0.0, 100.0),
-    top_p=_float(0.0, 1.0),
-    top_k=_int(0, (1 << 31) - 1),
-    min_p=_float(0.0, 1.0),
-    seed=_optional(_int(0, (1 << 64) - 1)),
+    max_tokens=_int(*BOUNDS["max_tokens"]),
+    temperature=_float(*BOUNDS["temperature"]),
+    top_p=_float(*BOUNDS["top_p"]),
+    top_k=_int(*BOUNDS["top_k"]),
+    min_p=_float(*BOUNDS["min_p"]),
+    seed=_optional(_int(*BOUNDS["seed"])),
     stream=_bool,
     prompt_ids=_optional(_list(_int(0, (1 << 31) - 1), 1 << 20)),
+    stop=_list(_str(MAX_STOP_CHARS), MAX_STOP),
+    logprobs=_bool,
+    top_logprobs=_int(*BOUNDS["top_logprobs"]),
 )
 @dataclass(slots=True)
 class Generate:
     """Generate from exactly one of ``prompt`` (raw text), ``prompt_ids`` (token ids, used as
-    they are) or ``messages`` (chat)."""
+    they are) or ``messages`` (chat). The fields and their bounds are ``request.Request``'s."""
 
     id: str
     prompt: str | None = None
@@ -283,6 +287,9 @@ class Generate:
     seed: int | None = None
     stream: bool = True
     prompt_ids: list[int] | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
     TAG: ClassVar[int]
 
 

@@ -228,7 +228,7 @@ _BAD_FIELDS = {
     "min_p": [-0.1, 1.5, "0"],
     "seed": [-1, 2**70, 1.5, "s"],
     "n": [2, 0, "1"],
-    "stop": [["\n"], "x"],
+    "stop": [[""], 3, ["x"] * 17],
     "stream": ["yes", 1, {}],
     "stream_options": ["x", {"include_usage": "yes"}],
 }  # fmt: skip
@@ -236,6 +236,9 @@ _BAD_PROMPTS = [3, [], [1, "a"], [[1], [2]], [10**9], [-1], {"p": 1}, None, ""]
 _NON_FINITE = [b'{"model": "M", "prompt": "x", "temperature": NaN}',
                b'{"model": "M", "prompt": "x", "top_p": Infinity}',
                b'{"model": "M", "prompt": "x", "max_tokens": 1e400}']  # fmt: skip
+
+
+_JSON = {"Content-Type": "application/json"}
 
 
 def _http_case(rng: random.Random, name: str) -> tuple[str, str, dict]:
@@ -257,10 +260,11 @@ def _http_case(rng: random.Random, name: str) -> tuple[str, str, dict]:
     if what == 6:
         raw = json.dumps(body).encode()
         cut = raw[: rng.randrange(len(raw))] + rng.randbytes(rng.randint(0, 4))
-        return "POST", path, {"content": rng.choice([cut, rng.randbytes(20), b"", b"[]", b"1"])}
+        raw = rng.choice([cut, rng.randbytes(20), b"", b"[]", b"1", b"[" * 10**5])
+        return "POST", path, {"content": raw, "headers": _JSON}
     if what == 7:
         raw = rng.choice(_NON_FINITE).replace(b'"M"', json.dumps(name).encode())
-        return "POST", "/v1/completions", {"content": raw}
+        return "POST", "/v1/completions", {"content": raw, "headers": _JSON}
     if what == 8:
         method = rng.choice(["GET", "PUT", "DELETE", "PATCH"])
         return method, rng.choice([path, "/v1/models/x", "/v2/chat", "/../etc", "/%00"]), {}
