@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe.configs import format_size, parse_size
+from flashmoe.diskstats import DeviceReads, amplification
 from flashmoe.errors import FlashMoeError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -74,10 +75,12 @@ def streamed_side(a: dict) -> dict:
                 parts0 = (st.route_s, st.io_wait_s - st.copy_s, st.copy_s, st.expert_s)
                 guesses0 = (st.prefetched, st.prefetch_used)
                 busy0 = busy_ms(records)
+                device = DeviceReads(records)
                 t_first = time.perf_counter()
             stats = chunk.stats or {}
         decode_s = time.perf_counter() - t_first
         busy1 = busy_ms(records)
+        device_bytes = device.since()
         if a.get("trace_out"):
             with open(a["trace_out"], "w") as f:
                 for layer, experts in st.trace:
@@ -107,6 +110,9 @@ def streamed_side(a: dict) -> dict:
             disk_busy_fraction=(busy1 - busy0) / 1e3 / decode_s
             if busy0 is not None and busy1 is not None else None,
             prefill_bytes=after_first[2],
+            # what the disk read while decoding (every process on it), per record byte asked for
+            device_bytes_read=device_bytes,
+            read_amplification=amplification(device_bytes, decode_bytes),
             io_wait_s=stats["io_wait_s"],
             copy_s=stats["copy_s"],
             pool_bytes=stats["pool_bytes"],
@@ -348,6 +354,8 @@ def run_decode_bench(args) -> int:
         "guesses_per_token": s["guesses_per_token"],
         "guesses_used_per_token": s["guesses_used_per_token"],
         "disk_busy_fraction": s["disk_busy_fraction"],
+        "device_bytes_read": s["device_bytes_read"],
+        "read_amplification": s["read_amplification"],
         "disk_gb_per_s": gbps,
         "disk_gb_per_s_before_after": disk,
         "disk_gb_per_s_by_way": ways,
@@ -390,6 +398,8 @@ def run_decode_bench(args) -> int:
           f"{result['decode_tokens_per_s'] / floor if floor else 0:.2f} of it")
     if s["disk_busy_fraction"] is not None:
         print(f"the disk had a read in flight {s['disk_busy_fraction']:.0%} of the decode time")
+    if s["read_amplification"] is not None:
+        print(f"the disk read {s['read_amplification']:.2f}x the record bytes decode asked for")
     print("aggregate decode tok/s by streams: " + ", ".join(
         f"{k}: {v:.3f}" for k, v in sorted(s["aggregate"].items(), key=lambda kv: int(kv[0]))))
     if args.baseline:

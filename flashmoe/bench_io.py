@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flashmoe.diskstats import DeviceReads, amplification
 from flashmoe.errors import FlashMoeError
 from flashmoe.orchestrator.loaders import LoaderPool
 from flashmoe.shm.pool import ExpertPool, cleanup_stale
@@ -115,13 +116,17 @@ def measure(
             lat: list[float] = []
             nbytes = loads = 0
             failures: list[str] = []
+            requested = [0]  # extent bytes asked for (record bytes without the slot's padding)
 
             def submit(slot: int) -> None:
                 layer, e = next(keys)
                 crc = store.checksum(layer, e) if verify else None
-                rid = lp.submit(slot, store.extents(layer, e), crc, urgent=not pieces)
+                extents = store.extents(layer, e)
+                requested[0] += sum(x.length for x in extents)
+                rid = lp.submit(slot, extents, crc, urgent=not pieces)
                 sent[rid] = time.perf_counter()
 
+            device = DeviceReads(store.extents(store.moe_layers[0], 0)[0].path)
             t0 = time.perf_counter()
             end = t0 + seconds
             for slot in range(depth):
@@ -138,6 +143,7 @@ def measure(
                     if now < end:
                         submit(c.slot)
             elapsed = time.perf_counter() - t0
+            device_bytes = device.since()
         finally:
             lp.close()
     if failures:
@@ -157,6 +163,9 @@ def measure(
         queue_depth=depth,
         pieces=pieces,
         cache_dropped=dropped,
+        requested_bytes=requested[0],
+        device_bytes_read=device_bytes,  # by every process on that disk (None: no counter)
+        read_amplification=amplification(device_bytes, requested[0]),
     )
 
 
@@ -299,7 +308,9 @@ def run_io_bench(args: Any) -> int:
             print(
                 f"workers {w:2d} threads {t:2d} {'direct' if direct else 'buffered':8s} "
                 f"{p['gb_per_s']:6.3f} GB/s  p50 {p['p50_ms']:7.2f} ms  p99 {p['p99_ms']:7.2f} ms"
-                f"  ({p['loads']} loads of {p['record_bytes']} B)",
+                f"  ({p['loads']} loads of {p['record_bytes']} B)"
+                + (f"  disk read {p['read_amplification']:.2f}x the records"
+                   if p["read_amplification"] is not None else ""),
                 flush=True,
             )
     best = max(points, key=lambda p: p["gb_per_s"])

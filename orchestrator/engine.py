@@ -36,7 +36,7 @@ from flashmoe.orchestrator.sampling import StopText, sampler_for
 from flashmoe.orchestrator.scheduler import Chunk, GenRequest, Lanes, Scheduler, check_finite
 from flashmoe.orchestrator.streamed import find_banks, install_streamed_banks
 from flashmoe.protocol.request import RequestError, prompt_bytes
-from flashmoe.shm.pool import ExpertPool, cleanup_stale
+from flashmoe.shm.pool import ExpertPool, cleanup_stale, staging_slots
 from flashmoe.store import open_store
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -167,7 +167,8 @@ class Engine:
                   else parse_size(s.memory_budget))
         self.plan = plan_pool(budget, self.store.layout, self.compute_dtype, top_k,
                               self.store.num_experts,
-                              parallel_reads=2 * max(1, s.workers) * max(1, s.io_threads),
+                              parallel_reads=staging_slots(s.workers, s.io_threads, s.prefetch_depth
+                                                           if resolve_prefetch(s.prefetch) else 0),
                               max_slot_array_bytes=MAX_ARRAY_BYTES if on_cuda() else None,
                               total_experts=len(self.store.moe_layers) * self.store.num_experts)
         self.budget = budget

@@ -287,3 +287,10 @@ class ExpertPool:
                 a = a.view(mx.bfloat16)
             out[name] = a
         return out, zero_copy and bool(out)
+
+
+def staging_slots(workers: int, io_threads: int, prefetch_depth: int = 0) -> int:
+    """Staging slots the loaders can fill at once: one record per I/O thread (a thread reads one
+    piece at a time, so a record beyond that would only wait in a slot of its own), plus the
+    guessed records prefetch keeps in flight. The rest of the budget buys cache slots."""
+    return max(1, workers) * max(1, io_threads) + max(0, prefetch_depth)

@@ -35,6 +35,7 @@ def test_bench_decode_json(tmp_path):
     assert 0 <= r["guesses_used_per_token"] <= r["guesses_per_token"]
     busy = r["disk_busy_fraction"]  # None where the store's filesystem has no disk counter
     assert busy is None or 0 <= busy <= 1.05  # io_ticks count whole milliseconds
+    assert (r["read_amplification"] is None) == (r["device_bytes_read"] is None)
     before, after = r["disk_gb_per_s_before_after"]
     assert before > 0 and after > 0 and r["disk_gb_per_s"] == (before + after) / 2
     # each figure is the best of the ways the disk was read

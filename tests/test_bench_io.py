@@ -34,6 +34,8 @@ def test_json_point(packed, capsys):
         assert k in r
     assert r["workers"] == 1 and r["threads"] == 2 and r["direct"] is True
     assert r["gb_per_s"] > 0 and r["loads"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+    assert r["requested_bytes"] == r["loads"] * r["record_bytes"]  # every load came back
+    assert r["read_amplification"] is None or r["read_amplification"] >= 0
 
 
 def test_sweep_plot_and_trace(packed, tmp_path, capsys, monkeypatch):

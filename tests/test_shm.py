@@ -125,3 +125,11 @@ def test_cleanup_stale_decides_by_creator_pid(monkeypatch):
     finally:
         child.kill()
         child.wait(10)
+
+
+def test_staging_slots_follow_the_reads_in_flight():
+    from flashmoe.shm.pool import staging_slots
+
+    assert staging_slots(2, 8) == 16  # one record per I/O thread
+    assert staging_slots(2, 8, prefetch_depth=2) == 18  # and the guesses in flight
+    assert staging_slots(0, 0) == 1

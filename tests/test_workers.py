@@ -304,3 +304,119 @@ def test_round_trip_overhead(tmp_path, loader):
         f"\nsubmit->completion for 64 B: p50 {lat[150] * 1e6:.0f} us, p99 {lat[297] * 1e6:.0f} us"
     )
     assert lat[150] < 0.05
+
+
+def cached_pages(path: Path) -> list[bool]:
+    """Which pages of ``path`` the page cache holds (Linux ``mincore`` on a fresh mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    vec = (ctypes.c_ubyte * (-(-size // mmap.PAGESIZE)))()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return [bool(b & 1) for b in vec]
+
+
+def evict(path: Path) -> None:
+    """Drop this one file's pages from the page cache (written back first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mincore's page flags are Linux's")
+@pytest.mark.parametrize("kind", ["hf", "mlx"])
+def test_record_read_in_place_caches_no_neighbours(stores, kind):
+    """A record read from a checkpoint in place brings in its own pages only: readahead of the
+    neighbours would cost disk time and memory for bytes nobody asked for."""
+    import mmap
+
+    from flashmoe.diskstats import device_bytes_read
+    from flashmoe.workers.loader import DEFAULT_CHUNK, PieceReader, plan
+
+    store = open_store(stores[kind])
+    layer, expert = store.moe_layers[0], store.num_experts // 2
+    extents = [[str(x.path), x.offset, x.length, x.dest] for x in store.extents(layer, expert)]
+    files = sorted({Path(x[0]) for x in extents})
+    if device_bytes_read(files[0]) is None:
+        pytest.skip("no block device under the store (tmpfs): there is no readahead to see")
+    for f in files:
+        evict(f)
+    assert not any(any(cached_pages(f)) for f in files), "could not evict the test's own files"
+    slot = mmap.mmap(-1, -(-store.layout.nbytes // 16384) * 16384)
+    reader = PieceReader()
+    try:
+        for p in plan(extents, len(slot), True, DEFAULT_CHUNK):  # as io_mode "auto" reads
+            reader.read(memoryview(slot), p)
+    finally:
+        reader.close()
+    page = mmap.PAGESIZE
+    for f in files:
+        own = {i for path, off, n, _ in extents if Path(path) == f
+               for i in range(off // page, -(-(off + n) // page))}
+        extra = [i for i, c in enumerate(cached_pages(f)) if c and i not in own]
+        assert not extra, f"{len(extra)} pages of {f.name} cached beyond the record's own"
+    want = store.read_record(layer, expert)  # read only now: it may read ahead itself
+    for t in store.layout.tensors:
+        assert slot[t.offset:t.offset + t.nbytes] == want[t.offset:t.offset + t.nbytes]
+    store.close()
+
+
+def test_unaligned_extents_are_read_as_aligned_blocks():
+    """An extent at an unaligned offset goes direct as the blocks around it: every piece starts
+    on a block, the wanted bytes of the pieces tile the extent, and no read is larger than the
+    bounce buffer."""
+    from flashmoe.workers.loader import BOUNCE_PIECE, DIRECT_ALIGN, plan
+
+    extents = [["f", 4096 * 3 + 100, 700_000, 0], ["f", 5, 10, 704_512]]
+    for chunk in (0, 64 << 10):
+        pieces = plan(extents, 1 << 20, True, chunk)
+        got = []
+        for p in pieces:
+            assert p.direct and p.offset % DIRECT_ALIGN == 0 and p.length % DIRECT_ALIGN == 0
+            assert p.skip + p.need <= p.length <= max(BOUNCE_PIECE, chunk)
+            got.append((p.offset + p.skip, p.dest, p.need))
+        assert sum(n for *_, n in got) == 700_010
+        for off, dest, n in got:  # each piece's bytes sit at the same place of its extent
+            ext = next(e for e in extents if e[1] <= off < e[1] + e[2])
+            assert dest - ext[3] == off - ext[1] and off + n <= ext[1] + ext[2]
+    assert len(plan(extents, 1 << 20, False, 0)) == 2  # buffered: as they are
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a tmpfs")
+def test_unaligned_direct_piece_falls_back_on_a_filesystem_without_o_direct():
+    import mmap
+
+    from flashmoe.workers.loader import PieceReader, plan
+
+    data = os.urandom(3 << 20)
+    path = Path("/dev/shm") / f"flashmoe-test-{os.getpid()}"
+    path.write_bytes(data)
+    reader = PieceReader()
+    try:
+        slot = mmap.mmap(-1, 2 << 20)
+        for p in plan([[str(path), 12345, 1 << 20, 4096]], len(slot), True, 0):
+            reader.read(memoryview(slot), p)
+        assert slot[4096:4096 + (1 << 20)] == data[12345:12345 + (1 << 20)]
+        assert slot[:4096] == bytes(4096)  # nothing outside the extent's place was written
+    finally:
+        reader.close()
+        path.unlink()

@@ -8,7 +8,7 @@ Started by the coordinator as a subprocess (never a fork of it: it holds MLX sta
 Its DEALER connects to the coordinator's ROUTER and says ``Hello``, then serves ``LoadRequest``s.
 T I/O threads read with ``os.preadv`` (which releases the GIL) straight into the slot: O_DIRECT
 (``F_NOCACHE`` on macOS) where the request asks for it and offset, length and destination are
-4 KiB aligned, buffered otherwise. A request that arrives while several threads are idle is cut
+4 KiB aligned, else bounced (below). A request that arrives while several threads are idle is cut
 into pieces (at least ``--chunk-bytes``) that they share; one that arrives while they are busy
 is read in whole extents (fewer, larger reads). A request that is not ``urgent`` (a guess that
 nobody waits for yet) always goes in pieces, and only ``--guess-threads`` threads read such pieces
@@ -20,6 +20,13 @@ record is checked in parallel: each thread takes the crc32 of the piece it just 
 thread with the last piece combines them (``crc.crc_of_pieces``), so no serial crc32 of the whole
 record stands between its last byte and the reply.
 
+An extent that is not aligned (a checkpoint read in place: each expert is a slice of tensors at
+arbitrary file offsets) is read with O_DIRECT too, as the aligned blocks around it, through a
+small per-thread bounce buffer whose unneeded head and tail are dropped: buffered reads would let
+the kernel's readahead pull in the neighbouring experts, evicted before anyone asks for them.
+Buffered reads (``io_mode`` buffered, filesystems that refuse O_DIRECT) tell the kernel that the
+file is read at random.
+
 The worker keeps no state worth saving: it can be killed at any time, and exits by itself when
 its parent dies.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import mmap
 import os
 import signal
 import sys
@@ -57,8 +65,10 @@ from flashmoe.workers.crc import crc_of_pieces
 
 DIRECT_ALIGN = 4096
 DEFAULT_CHUNK = 256 << 10  # see the io_chunk setting
+BOUNCE_PIECE = 256 << 10  # largest unaligned piece: bounds each I/O thread's bounce buffer
 _HAVE_O_DIRECT = hasattr(os, "O_DIRECT")
 _HAVE_NOCACHE = sys.platform == "darwin"
+_HAVE_FADVISE = hasattr(os, "posix_fadvise")
 
 
 def _round_up(n: int, a: int) -> int:
@@ -84,10 +94,12 @@ class _Piece:
     length: int  # bytes to ask for (rounded up to a block for O_DIRECT)
     need: int  # bytes that must arrive (the rest is slot padding)
     direct: bool
+    skip: int = 0  # bytes read before the piece's first wanted byte (aligned reads of unaligned)
 
 
 def plan(extents: list[list], slot_bytes: int, direct: bool, chunk: int) -> list[_Piece]:
-    """Cut extents into pieces; O_DIRECT only where offset, dest and length can be aligned.
+    """Cut extents into pieces; O_DIRECT straight into the slot where offset, dest and length
+    can be aligned, else (``direct`` asked for) as the aligned blocks around each piece.
 
     A length that is not a block multiple is rounded up when the extra bytes land in slot space
     that no other extent writes (the padding after the record), so packed records stay direct.
@@ -102,6 +114,9 @@ def plan(extents: list[list], slot_bytes: int, direct: bool, chunk: int) -> list
         limit = ordered[i + 1][3] if i + 1 < len(ordered) else slot_bytes
         want = _round_up(length, DIRECT_ALIGN)
         d = direct and off % DIRECT_ALIGN == 0 and dest % DIRECT_ALIGN == 0 and dest + want <= limit
+        if direct and not d:
+            pieces += _unaligned(path, off, length, dest, chunk)
+            continue
         span = want if d else length
         step = max(DIRECT_ALIGN, chunk - chunk % DIRECT_ALIGN) if chunk > 0 else max(span, 1)
         for s in range(0, max(span, 1), step):
@@ -110,6 +125,19 @@ def plan(extents: list[list], slot_bytes: int, direct: bool, chunk: int) -> list
             if n > 0:
                 pieces.append(_Piece(path, off + s, dest + s, n, need, d))
     return pieces
+
+
+def _unaligned(path: str, off: int, length: int, dest: int, chunk: int) -> list[_Piece]:
+    """An unaligned extent as O_DIRECT pieces: aligned file blocks, cut at block boundaries into
+    at most ``BOUNCE_PIECE`` (or ``chunk``, if smaller) bytes, each with the bytes to skip."""
+    step = min(chunk, BOUNCE_PIECE) if chunk > 0 else BOUNCE_PIECE
+    step = max(DIRECT_ALIGN, step - step % DIRECT_ALIGN)
+    start, end = off - off % DIRECT_ALIGN, _round_up(off + length, DIRECT_ALIGN)
+    out = []
+    for f in range(start, end, step):
+        lo, hi = max(f, off), min(f + step, off + length)
+        out.append(_Piece(path, f, dest + lo - off, min(step, end - f), hi - lo, True, lo - f))
+    return out
 
 
 def chunk_for(total: int, idle: int, chunk: int) -> int:
@@ -122,25 +150,30 @@ def chunk_for(total: int, idle: int, chunk: int) -> int:
 
 class PieceReader:
     """Reads pieces into a buffer with ``os.preadv``: O_DIRECT (``F_NOCACHE`` on macOS) where
-    the piece allows it and the filesystem accepts it, buffered otherwise. Keeps one fd per
-    (file, mode); safe to share between threads."""
+    the piece allows it and the filesystem accepts it, buffered otherwise; an unaligned piece
+    through this thread's bounce buffer. Keeps one fd per (file, mode); safe to share between
+    threads."""
 
     def __init__(self) -> None:
         self._fds: dict[tuple[str, bool], int] = {}
         self._fd_lock = threading.Lock()
         self._no_direct: set[str] = set()  # filesystems that refuse O_DIRECT (tmpfs)
+        self._local = threading.local()  # .bounce: this thread's aligned buffer
 
     def read(self, buf: memoryview, p: _Piece) -> None:
         """Fill ``buf[p.dest:]`` with the piece; EOFError if the file ends before it does."""
         direct = p.direct and (_HAVE_O_DIRECT or _HAVE_NOCACHE) and p.path not in self._no_direct
         if direct:
             try:
-                if self._pread(buf, p, True):
+                if self._bounced(buf, p) if p.skip or p.dest % DIRECT_ALIGN else \
+                        self._pread(buf, p, True):
                     return
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 self._no_direct.add(p.path)  # this filesystem refuses O_DIRECT: go buffered
+        if p.skip:  # only the wanted bytes, straight into the slot
+            p = _Piece(p.path, p.offset + p.skip, p.dest, p.need, p.need, False)
         self._pread(buf, p, False)
 
     def close(self) -> None:
@@ -159,12 +192,32 @@ class PieceReader:
                     if direct and _HAVE_O_DIRECT:
                         flags |= os.O_DIRECT
                     fd = os.open(path, flags)
+                    if not direct and _HAVE_FADVISE:
+                        # Pieces are whole records or parts of them, never a stream: readahead
+                        # would only pull in neighbours that are evicted before anyone asks.
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
                     if direct and _HAVE_NOCACHE:
                         import fcntl
 
                         fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
                     self._fds[key] = fd
         return fd
+
+    def _bounced(self, buf: memoryview, p: _Piece) -> bool:
+        """An O_DIRECT read of the piece's aligned blocks into this thread's buffer, then its
+        wanted bytes into ``buf``; False when the file ends short of a block boundary."""
+        bounce = getattr(self._local, "bounce", None)
+        if bounce is None or len(bounce) < p.length:
+            bounce = self._local.bounce = mmap.mmap(-1, max(p.length, BOUNCE_PIECE))  # aligned
+        view = memoryview(bounce)
+        try:
+            if not self._pread(view, _Piece(p.path, p.offset, 0, p.length, p.skip + p.need, True),
+                               True):
+                return False
+            buf[p.dest : p.dest + p.need] = view[p.skip : p.skip + p.need]
+        finally:
+            view.release()
+        return True
 
     def _pread(self, buf: memoryview, p: _Piece, direct: bool) -> bool:
         """Read a piece; False when an O_DIRECT read came back short of a block boundary."""
