@@ -308,6 +308,7 @@ def _pack_into(store: Store, dst: Path, bits: int | None, group_size: int, progr
         "record_stride": stride,
         "layout": layout_to_json(layout),
         "bank_paths": {str(layer): store.bank_path(layer) for layer in store.moe_layers},
+        "projections": {str(layer): store.projections(layer) for layer in store.moe_layers},
         "dense_files": dense_files,
         "ignored": store.ignored_parts(),  # left out, as mlx-lm leaves it out; inspect lists it
         "files": files,

@@ -117,9 +117,10 @@ def _roundup(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def _tensor_sort_key(name: str) -> tuple[int, int]:
+def _tensor_sort_key(name: str) -> tuple[int, int, int]:
     proj, kind = name.rsplit(".", 1)
-    return PROJ_ORDER.index(proj), KIND_ORDER.index(kind)
+    base, _, variant = proj.partition("~")  # "down_proj~2": layers stored another way
+    return PROJ_ORDER.index(base), int(variant or 0), KIND_ORDER.index(kind)
 
 
 def make_layout(specs: list[tuple[str, str, tuple[int, ...]]]) -> RecordLayout:
@@ -247,6 +248,38 @@ def _mode(scales_dtype: str, bits: int, group: int, name: str) -> str:
     return modes[(bits, group)]
 
 
+def union_layout(variants: list[tuple[RecordLayout, dict]]) -> tuple[RecordLayout,
+                                                                     list[dict[str, str]]]:
+    """One record layout that holds every layer's experts, and each variant's record name per
+    projection. Layers whose projection is stored the same way share its tensors; a projection
+    stored another way (mixed bits per layer) gets tensors of its own, ``proj~N``, so a cache slot
+    has room for each way and every layer computes with exactly its own tensors."""
+    specs: list[tuple[str, str, tuple[int, ...]]] = []
+    taken: dict[str, tuple] = {}  # record name -> (tensors, quantization)
+    names = []
+    for i, (lay, quant) in enumerate(variants):
+        own = {}
+        for proj in sorted({t.name.split(".")[0] for t in lay.tensors}):
+            tensors = tuple((t.name.split(".", 1)[1], t.dtype, t.shape) for t in lay.tensors
+                            if t.name.split(".")[0] == proj)
+            key = (tensors, quant.get(proj))
+            same = [n for n, k in taken.items() if n.split("~")[0] == proj and k == key]
+            if same:
+                own[proj] = same[0]
+                continue
+            name = proj if proj not in taken else f"{proj}~{i}"
+            taken[name] = key
+            specs += [(f"{name}.{kind}", dtype, shape) for kind, dtype, shape in tensors]
+            own[proj] = name
+        names.append(own)
+    return make_layout(specs), names
+
+
+def _renamed(tensor: str, names: dict[str, str]) -> str:
+    proj, kind = tensor.split(".", 1)
+    return f"{names[proj]}.{kind}"
+
+
 def _experts(bank: Bank) -> int:
     counts = {p.experts for p in bank.projs.values()}
     if len(counts) != 1:
@@ -261,18 +294,6 @@ def _summary(quant: dict[str, dict | None]) -> dict | None:
     if len(distinct) == 1:
         return next(iter(quant.values()))
     return quant
-
-
-def _difference(lay_a: RecordLayout, q_a: dict, lay_b: RecordLayout, q_b: dict) -> str:
-    for proj in sorted(set(q_a) | set(q_b)):
-        if q_a.get(proj) != q_b.get(proj):
-            return f"{proj}: {q_b.get(proj)} vs {q_a.get(proj)}"
-    a = {t.name: (t.dtype, t.shape) for t in lay_a.tensors}
-    b = {t.name: (t.dtype, t.shape) for t in lay_b.tensors}
-    for name in sorted(set(a) | set(b)):
-        if a.get(name) != b.get(name):
-            return f"{name}: {b.get(name)} vs {a.get(name)}"
-    return "tensor order"
 
 
 # --- the store ----------------------------------------------------------------------------------
@@ -310,6 +331,8 @@ class Store:
         self._file_idx: dict[int, np.ndarray] = {}  # layer -> [tensors, experts] index in _files
         self._file_off: dict[int, np.ndarray] = {}  # layer -> [tensors, experts] file offsets
         self._fds: dict[str, int] = {}
+        self._projs: dict[int, dict[str, str]] = {}  # layer -> {projection: record name}
+        self._specs: dict[int, list[TensorSpec]] = {}  # layer -> the record tensors it fills
 
 
     # -- public API --
@@ -328,7 +351,7 @@ class Store:
             return [Extent(self._files[fi[0]], int(fo[0]), self.layout.nbytes, 0)]
         return [
             Extent(self._files[fi[t]], int(fo[t]), spec.nbytes, spec.offset)
-            for t, spec in enumerate(self.layout.tensors)
+            for t, spec in enumerate(self._specs[layer])
         ]
 
     def checksum(self, layer: int, expert: int) -> int | None:
@@ -374,8 +397,14 @@ class Store:
 
     def expert_bytes_total(self) -> int:
         """Bytes of routed-expert tensors over all MoE layers (record padding excluded)."""
-        per = sum(t.nbytes for t in self.layout.tensors)
-        return per * self.num_experts * len(self.moe_layers)
+        return self.num_experts * sum(t.nbytes for layer in self.moe_layers
+                                      for t in self._specs[layer])
+
+    def projections(self, layer: int) -> dict[str, str]:
+        """The record's name for each projection of ``layer``'s bank: the projection's own,
+        or ``proj~N`` where layers store it another way (mixed bits per layer)."""
+        self._check(layer, 0)
+        return dict(self._projs[layer])
 
     def dense_bytes(self) -> int:
         """Bytes of every non-expert tensor of the checkpoint."""
@@ -445,7 +474,8 @@ class Store:
             part[1] += info.nbytes
         self._file_ids: dict[str, int] = {}
         self.moe_layers = sorted(tree.banks)
-        first = self.moe_layers[0]
+        variants: list[tuple[RecordLayout, dict]] = []
+        own: dict[int, tuple[int, dict[str, list[TensorInfo]]]] = {}
         for layer in self.moe_layers:
             bank = tree.banks[layer]
             recs = found.experts.get(layer)
@@ -456,25 +486,28 @@ class Store:
                 )
             quant = {p: self._proj_quant(bank, p, recs) for p in sorted(bank.projs)}
             lay = make_layout([(n, v[0].dtype, v[0].shape) for n, v in recs.items()])
-            if layer == first:
-                self.layout, self._quant, self.num_experts = lay, quant, _experts(bank)
-            elif (lay, quant) != (self.layout, self._quant):
-                raise CheckpointError(
-                    f"layer {layer}'s experts are stored differently from layer {first}'s "
-                    f"({_difference(self.layout, self._quant, lay, quant)}): layers with "
-                    "different record layouts (mixed bits per layer) are not streamed yet"
-                )
+            if (lay, quant) not in variants:
+                variants.append((lay, quant))
+            own[layer] = variants.index((lay, quant)), recs
             self._bank_paths[layer] = bank.path
-            T = len(lay.tensors)
-            fidx = np.zeros((T, self.num_experts), np.int32)
-            foff = np.zeros((T, self.num_experts), np.int64)
-            for t, spec in enumerate(lay.tensors):
-                for e, info in enumerate(recs[spec.name]):
+        self.num_experts = _experts(tree.banks[self.moe_layers[0]])
+        if any(_experts(tree.banks[layer]) != self.num_experts for layer in self.moe_layers):
+            raise CheckpointError(f"{self.path}: layers differ in their number of experts")
+        self.layout, names = union_layout(variants)
+        self.quantization = _summary({names[i][p]: q for i, (_, qs) in enumerate(variants)
+                                      for p, q in qs.items()})
+        for layer, (i, recs) in own.items():
+            self._projs[layer] = names[i]
+            specs = [self.layout.tensor(_renamed(t.name, names[i])) for t in variants[i][0].tensors]
+            self._specs[layer] = specs
+            fidx = np.zeros((len(specs), self.num_experts), np.int32)
+            foff = np.zeros((len(specs), self.num_experts), np.int64)
+            for t, orig in enumerate(variants[i][0].tensors):
+                for e, info in enumerate(recs[orig.name]):
                     fidx[t, e] = self._file_id(info.path)
                     foff[t, e] = info.offset
             self._file_idx[layer] = fidx
             self._file_off[layer] = foff
-        self.quantization = _summary(self._quant)
         self.record_stride = _roundup(self.layout.nbytes, RECORD_ALIGN)
         self.dense_dir = self.path
 
@@ -554,6 +587,7 @@ class Store:
             files = {int(k): v for k, v in manifest["files"].items()}
             self._checksums = {int(k): list(v) for k, v in manifest["checksums"].items()}
             dense_files = manifest["dense_files"]
+            projs = manifest.get("projections", {})
             self._ignored = {k: list(v) for k, v in manifest.get("ignored", {}).items()}
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{mpath}: bad manifest ({e!r})") from None
@@ -570,6 +604,10 @@ class Store:
                 )
             if len(self._checksums[layer]) != E:
                 raise CheckpointError(f"{mpath}: wrong number of checksums for layer {layer}")
+            self._projs[layer] = projs.get(str(layer)) or {
+                t.name.split(".")[0]: t.name.split(".")[0] for t in self.layout.tensors}
+            self._specs[layer] = [t for t in self.layout.tensors
+                                  if t.name.split(".")[0] in self._projs[layer].values()]
             self._file_idx[layer] = np.full((1, E), self._file_id(str(f)), np.int32)
             self._file_off[layer] = (np.arange(E, dtype=np.int64) * self.record_stride)[None]
         for name in dense_files:

@@ -71,11 +71,11 @@ class StreamedBank:
     def __init__(self, bank: nn.Module, layer: int, cache: ExpertCache, quant: dict | None):
         self.layer = layer
         self.cache = cache
-        projections = sorted({t.name.split(".")[0] for t in cache.layout.tensors})
-        for proj in projections:
+        # each projection's record tensors: its own name, or ``proj~N`` (mixed bits per layer)
+        for proj, name in cache.store.projections(layer).items():
             if proj not in bank:
                 raise ValueError(f"layer {layer}: record tensor {proj!r} has no place in the bank")
-            setattr(bank, proj, _linear_from_cache(proj, cache, quant))
+            setattr(bank, proj, _linear_from_cache(name, cache, quant))
         self.inner = bank
         self.num_experts = cache.store.num_experts
         # With prefetch: the coming MoE layers whose experts it guesses, nearest first, as

@@ -154,11 +154,19 @@ def test_mixed_bits_per_projection(root):
     assert_identical(requant)
 
 
-def test_mixed_bits_per_layer_refused(root):
-    path = make(root, "q3-mixed-46", "qwen3_moe", layout="mlx", recipe="mixed_4_6")
-    with pytest.raises(CheckpointError, match=r"layer 1's experts are stored differently .*"
-                       r"down_proj.*'bits': 6.*not streamed"):
-        open_store(path)
+@pytest.mark.parametrize("recipe", ["mixed_4_6", "mixed_2_6"])
+def test_mixed_bits_per_layer(root, recipe):
+    # mlx-lm's recipes give some layers' down projections 6 bits: the store's record holds both
+    # ways (down_proj and down_proj~1) and each layer computes with its own
+    path = make(root, f"q3-{recipe}", "qwen3_moe", layout="mlx", recipe=recipe)
+    store = open_store(path)
+    assert [store.projections(layer)["down_proj"] for layer in store.moe_layers] == [
+        "down_proj", "down_proj~1"]
+    assert store.quantization["down_proj~1"]["bits"] == 6
+    assert_identical(path)
+    packed = pack(path, root / f"q3-{recipe}-p", progress=False)
+    assert open_store(packed).projections(1) == store.projections(1)
+    assert streamed_ids(packed) == reference_ids(path)
 
 
 def test_kimi_k2_through_mlx_lm_remapping(root):
