@@ -32,6 +32,7 @@ import numpy as np
 
 from flashmoe import synth_variants as variants
 from flashmoe.errors import CheckpointError, FlashMoeError
+from flashmoe.synth_configs import generic_config
 
 ARCHS = ("qwen3_moe", "qwen3_5_moe", "deepseek_v3", "mixtral")
 LAYOUTS = ("hf", "mlx")
@@ -427,8 +428,13 @@ def _lazy_model(config: dict):
     from mlx.utils import tree_flatten, tree_map_with_path
     from mlx_lm.utils import _get_classes
 
+    from flashmoe.banks import find_banks
+
     model_class, args_class = _get_classes(config=config)
     model = model_class(args_class.from_dict(config))
+    if not find_banks(model):
+        raise CheckpointError(f"{config.get('model_type')}: mlx-lm's model has no routed experts "
+                              "(no SwitchGLU / SwitchMLP bank)")
     # as convert does after loading a bf16 checkpoint: float params in bf16, except where the
     # model asks to keep them (A_log, e_score_correction_bias stay float32 as published)
     keep = getattr(model, "cast_predicate", lambda _: True)
@@ -455,7 +461,72 @@ def _param_list(model, tree_flatten) -> list[tuple[str, tuple, str]]:
 def _plan_hf(arch: str, config: dict) -> tuple[list[_Tensor], dict, dict]:
     model, tree_flatten = _lazy_model(copy.deepcopy(config))
     cfg = config.get("text_config", config)
-    return _HF_NAMES[arch](_param_list(model, tree_flatten), cfg), config, {}
+    params = _param_list(model, tree_flatten)
+    if arch in _HF_NAMES:
+        return _HF_NAMES[arch](params, cfg), config, {}
+    return _hf_per_expert(arch, params, model), config, {}
+
+
+def _hf_gpt_oss(params: list, cfg: dict) -> list[_Tensor]:
+    """gpt-oss as OpenAI publishes it: mxfp4 experts, gate and up rows interleaved in one
+    ``gate_up_proj`` (blocks of 16 bytes = 32 e2m1 codes, one e8m0 scale per block)."""
+    shapes = {n: s for n, s, _ in params}
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    out = []
+    for name, shape, dtype in params:
+        if ".mlp.experts." not in name:
+            out.append(_spec(name, dtype, shape))
+            continue
+        prefix, _, leaf = name.partition(".mlp.experts.")
+        base = f"{prefix}.mlp.experts."
+        if leaf == "gate_proj.weight":
+            e, rows, cols = shape
+            fused, n_rows = "gate_up_proj", 2 * rows
+        elif leaf == "down_proj.weight":
+            e, n_rows, cols = shape
+            fused = "down_proj"
+        elif leaf in ("gate_proj.bias", "down_proj.bias"):
+            rows = shapes[name][-1] * (2 if leaf.startswith("gate") else 1)
+            fused = "gate_up_proj" if leaf.startswith("gate") else "down_proj"
+            out.append(_Tensor(f"{base}{fused}_bias", dtype, (shape[0], rows), "const", 0.0,
+                               key=f"{base}{fused}_bias"))
+            continue
+        else:
+            continue  # up_proj: inside gate_up_proj
+        std = 1.0 / math.sqrt(cols)
+        out.append(_Tensor(f"{base}{fused}_blocks", "U8", (e, n_rows, cols // 32, 16), "bytes",
+                           key=f"{base}{fused}_blocks"))
+        out.append(_Tensor(f"{base}{fused}_scales", "U8", (e, n_rows, cols // 32),
+                           "scales_mxfp4", std, key=f"{base}{fused}_scales"))
+    return out
+
+
+_HF_NAMES["gpt_oss"] = _hf_gpt_oss
+
+
+def _hf_per_expert(arch: str, params: list, model) -> list[_Tensor]:
+    """Per-expert tensors under the names the family's ``sanitize`` in mlx-lm stacks
+    (``flashmoe.checkpoint.HF_FAMILIES``); the rest as mlx-lm names it."""
+    from flashmoe.banks import find_banks
+    from flashmoe.checkpoint import HF_FAMILIES, canonical_model_type
+
+    family = HF_FAMILIES.get(canonical_model_type(arch))
+    if family is None or family.fused or family.refused:
+        raise CheckpointError(f"--layout hf: no per-expert Hugging Face names known for {arch}")
+    published = {v: k for k, v in (family.projs or {}).items()}
+    banks = {path for path, _, _ in find_banks(model)}
+    out = []
+    for name, shape, dtype in params:
+        module, _, kind = name.rpartition(".")
+        bank, _, proj = module.rpartition(".")
+        if bank not in banks:
+            out.append(_spec(name, dtype, shape))
+            continue
+        parent = bank.rpartition(".")[0]
+        for e in range(shape[0]):
+            out.append(_spec(f"{parent}.experts.{e}.{published.get(proj, proj)}.{kind}", dtype,
+                             shape[1:]))
+    return out
 
 
 def _plan_mlx(config: dict, bits: int, group_size: int | None, mode: str = "affine",
@@ -526,8 +597,8 @@ def _chunks(t: _Tensor, seed: int) -> Iterator[bytes]:
     rng = _rng(seed, t.key)
     for start in range(0, n, CHUNK):
         m = min(CHUNK, n - start)
-        if t.fill == "packed":
-            yield rng.bytes(4 * m)
+        if t.fill in ("packed", "bytes"):
+            yield rng.bytes((4 if t.fill == "packed" else 1) * m)
             continue
         if t.fill in ("fp8", "packed_fp8"):  # e4m3 codes of magnitude 1/8..4, never NaN
             n = m * (4 if t.fill == "packed_fp8" else 1)
@@ -749,8 +820,7 @@ def synth(
     checkpoints have (``flashmoe.synth_variants``). ``config`` replaces the built-in
     ``config.json`` (any mlx-lm architecture, ``mlx`` layout).
     """
-    if arch not in ARCHS and not (config and layout == "mlx"):  # hf names need a mapping
-        raise CheckpointError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+
     if mode not in MODES:
         raise FlashMoeError(f"unknown quantization mode {mode!r}; known: {', '.join(MODES)}")
     if legacy and arch not in _LEGACY_NAMES:
@@ -780,7 +850,13 @@ def synth(
     tmp = out.with_name(out.name + ".partial")
 
     special = {s: d.vocab - len(SPECIAL_TOKENS) + j for j, s in enumerate(SPECIAL_TOKENS)}
-    config = copy.deepcopy(config) if config else _CONFIGS[arch](d, special)
+    if config:
+        config = copy.deepcopy(config)
+    elif arch in _CONFIGS:
+        config = _CONFIGS[arch](d, special)
+    else:  # any other mlx-lm architecture, from its ModelArgs
+        config = generic_config(arch, d)
+        config.update(bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"])
     if layout == "hf":
         tensors, config, meta = _plan_hf(arch, config)
         if fp8:
@@ -870,6 +946,12 @@ def cmd_synth(args) -> int:
         shard_size=shard_size,
         progress=True,
         force=args.force,
+        mode=args.mode,
+        recipe=args.recipe,
+        fp8=args.fp8,
+        mtp=args.mtp,
+        vision=args.vision,
+        legacy=args.legacy,
     )
     print(out)
     return 0
