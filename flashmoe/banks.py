@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 from flashmoe.errors import CheckpointError
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "n_activated_experts", "num_activated_experts")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")  # decoder layer lists
+_TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "n_activated_experts", "num_activated_experts",
+                "moe_top_k", "num_experts_per_token")
 _TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_topk", "num_activated_experts",
-               "moe_k", "top_k")
+               "moe_k", "top_k", "moe_top_k", "num_experts_per_token")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ModelTree:
     banks: dict[int, Bank]
     top_k: int
     params: frozenset[str]
+    num_layers: int  # decoder layers of the model (those past it in a checkpoint: MTP)
 
 
 def bank_types() -> tuple[type, ...]:
@@ -116,7 +118,10 @@ def model_tree(config: dict, where: str = "config.json") -> ModelTree:
     if top_k is None:
         raise CheckpointError(f"{where}: cannot tell how many experts each token uses")
     params = frozenset(k for k, _ in tree_flatten(model.parameters()))
-    return ModelTree(str(config.get("model_type", "")), banks, top_k, params)
+    first = next(iter(banks.values())).path
+    container = first[: list(_LAYER.finditer("." + first + "."))[-1].start(1) - 1]
+    layers = {int(k[len(container):].split(".")[0]) for k in params if k.startswith(container)}
+    return ModelTree(str(config.get("model_type", "")), banks, top_k, params, max(layers) + 1)
 
 
 def _config_top_k(config: dict) -> int | None:

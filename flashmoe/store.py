@@ -318,10 +318,7 @@ class Store:
         self.path = path
         self.config = config
         self.model_type = config.get("model_type", "")
-        try:
-            self.num_layers = int(text_config(config)["num_hidden_layers"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path / 'config.json'}: missing or bad setting {e}") from None
+        self.num_layers = int(text_config(config).get("num_hidden_layers") or 0)
         self.fp8 = False  # experts are FP8 block-scaled: ``flashmoe pack`` converts them
         self._checksums: dict[int, list[int]] | None = None
         self._bank_paths: dict[int, str] = {}
@@ -464,6 +461,7 @@ class Store:
         tensors = read_tensor_index(self.path)
         tree = model_tree(self.config, str(self.path / "config.json"))
         self.top_k = tree.top_k
+        self.num_layers = tree.num_layers
         found = sort_tensors(tensors, tree, self.num_layers)
         self.kind = found.kind
         self._dense_tensors = found.dense

@@ -28,7 +28,8 @@ def _sizes(d) -> dict:
         "v_head_dim": 32, "swa_v_head_dim": 32, "vocab_size": d.vocab,
         "num_experts": d.experts, "n_routed_experts": d.experts, "num_local_experts": d.experts,
         "moe_num_experts": d.experts, "num_experts_per_tok": d.topk, "moe_topk": d.topk,
-        "moe_k": d.topk, "top_k": d.topk, "n_shared_experts": 1, "num_shared_experts": 1,
+        "moe_k": d.topk, "top_k": d.topk, "moe_top_k": d.topk, "n_shared_experts": 1,
+        "num_shared_experts": 1,
         "num_shared_expert": 1, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0,
         "num_dense_layers": 0, "moe_layer_freq": 1, "decoder_sparse_step": 1,
         "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16,
@@ -48,7 +49,7 @@ def _fills() -> dict:
         "layernorm_epsilon": 1e-6, "layer_norm_epsilon": 1e-6, "rope_theta": 10000.0,
         "swa_rope_theta": 10000.0, "routed_scaling_factor": 1.0, "partial_rotary_factor": 1.0,
         "norm_topk_prob": True, "tie_word_embeddings": False, "attention_bias": False,
-        "mlp_only_layers": [], "scoring_func": "softmax", "topk_method": "greedy",
+        "mlp_only_layers": [], "scoring_func": "sigmoid", "topk_method": "noaux_tc",
         "use_qk_norm": False, "use_bias": False, "mlp_bias": False, "rope_scaling": None,
         "logits_scaling": 1.0, "attention_multiplier": 1.0, "embedding_multiplier": 1.0,
         "residual_multiplier": 1.0, "zero_expert_num": 0, "zero_expert_type": "identity",
@@ -58,6 +59,30 @@ def _fills() -> dict:
     }
 
 
+def _special(arch: str, d) -> dict:
+    """Settings some architectures need that no name or type rule gives."""
+    half = max(1, d.layers // 2)
+    full = {"rope_theta": 10000.0, "rope_type": "default"}
+    return {
+        "granitemoehybrid": {"layer_types": ["attention"] * d.layers},
+        "nemotron_h": {"hybrid_override_pattern": ["*", "E"] * half, "num_hidden_layers":
+                       2 * half},
+        "mimo_v2_flash": {"hybrid_layer_pattern": [0, 1] * half, "num_hidden_layers": 2 * half},
+        "glm_moe_dsa": {"rope_parameters": full},
+        "mellum": {"layer_types": ["full_attention"] * d.layers,
+                   "rope_parameters": {"full_attention": full}},
+        "lfm2_moe": {"layer_types": ["full_attention"] * d.layers},
+        "longcat_flash": {"attention_method": "MLA"},
+        "llama4": {"num_experts_per_tok": 1},  # mlx-lm's llama4 routes one expert per token
+        "deepseek_v2": {"rope_scaling": {
+            "factor": 1.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "type": "yarn"}},
+        "hunyuan": {"rope_scaling": {"alpha": 1.0, "factor": 1.0, "type": "dynamic"}},
+        "kimi_linear": {"linear_attn_config": {"kda_layers": [1], "num_heads": 2,
+                                               "head_dim": 32, "short_conv_kernel_size": 4}},
+    }.get(arch, {})
+
+
 def generic_config(arch: str, d) -> dict:
     """A config for mlx-lm's ``arch`` at the sizes ``d`` (a ``synth.Dims``)."""
     try:
@@ -65,7 +90,9 @@ def generic_config(arch: str, d) -> dict:
         args_class = module.ModelArgs
     except (ImportError, AttributeError):
         raise FlashMoeError(f"mlx-lm has no model {arch!r}") from None
-    return {"model_type": arch, **_fill_dataclass(arch, args_class, d, _sizes(d), _fills())}
+    fills = {**_fills(), **_special(arch, d)}
+    config = _fill_dataclass(arch, args_class, d, _sizes(d), fills)
+    return {"model_type": arch, **config, **_special(arch, d)}
 
 
 def _fill_dataclass(arch: str, args_class, d, sizes: dict, fills: dict) -> dict:
@@ -86,13 +113,16 @@ def _by_type(arch: str, name: str, hint, d):
     # a nested settings class (text_config of multimodal wrappers): filled the same way
     for inner in typing.get_args(hint) or (hint,):
         if dataclasses.is_dataclass(inner):
-            cfg = _fill_dataclass(arch, inner, d, _sizes(d), _fills())
-            cfg["model_type"] = inner.__module__.rsplit(".", 1)[-1]
-            return cfg
+            inner_type = inner.__module__.rsplit(".", 1)[-1]
+            special = _special(inner_type, d)
+            cfg = _fill_dataclass(arch, inner, d, _sizes(d), {**_fills(), **special})
+            return {**cfg, **special, "model_type": inner_type}
     if name == "layer_types":
         return ["full_attention"] * d.layers
     if name == "is_moe_layer":
         return [True] * d.layers
+    if hint is dict and name == "text_config":  # a wrapper around a text model of its own
+        raise FlashMoeError(f"{arch}: its text_config names another model; synthesize that one")
     if hint is bool:
         return False
     if hint is int:

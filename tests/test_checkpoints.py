@@ -221,3 +221,23 @@ def test_hugging_face_repo_id_from_the_cache(root, tmp_path, monkeypatch):
     assert open_store("tiny-org/tiny-moe").path == snap
     with pytest.raises(CheckpointError, match="neither a directory nor a Hugging Face repo"):
         open_store("tiny-org/absent-model")
+
+
+@pytest.mark.slow
+def test_every_architecture_streams_identically_or_is_refused(tmp_path):
+    """The closing table (scripts/checkpoint_matrix.py): no row may differ from mlx-lm or fail
+    without a message; rows are identical, refused, or not synthesizable at tiny sizes."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from checkpoint_matrix import VARIANTS, moe_architectures, row
+
+    archs = moe_architectures()
+    assert {"qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "minimax"} <= set(archs)
+    bad = []
+    for arch in archs:
+        for layout, label, opts in VARIANTS:
+            result = row(arch, layout, opts, tmp_path)
+            if result.startswith(("DIFFERS", "FAILED")):
+                bad.append(f"{arch} {layout} {label}: {result}")
+    assert not bad, bad
