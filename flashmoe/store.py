@@ -458,8 +458,8 @@ class Store:
 
     def _index_checkpoint(self) -> None:
         """Find the expert banks in mlx-lm's model tree and their tensors in the checkpoint."""
-        tensors = read_tensor_index(self.path)
         tree = model_tree(self.config, str(self.path / "config.json"))
+        tensors = read_tensor_index(self.path)
         self.top_k = tree.top_k
         self.num_layers = tree.num_layers
         found = sort_tensors(tensors, tree, self.num_layers)
