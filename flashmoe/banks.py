@@ -72,6 +72,26 @@ def find_banks(model) -> list[tuple[str, int, object]]:
     return found
 
 
+_EVALUATES = re.compile(r"mx\.eval\(|\.item\(\)|\.tolist\(\)|np\.array\(")
+
+
+def evaluates_midway(model) -> str | None:
+    """Why ``model``'s forward pass evaluates arrays on the host (None: it never does)."""
+    import inspect
+
+    for cls in {type(m) for m in model.modules()}:
+        call = cls.__dict__.get("__call__")
+        if call is None or not cls.__module__.startswith("mlx_lm."):
+            continue
+        try:
+            found = _EVALUATES.search(inspect.getsource(call))
+        except (OSError, TypeError):
+            continue
+        if found:
+            return f"{cls.__name__}.__call__ calls {found[0].rstrip('(')}"
+    return None
+
+
 def model_tree(config: dict, where: str = "config.json") -> ModelTree:
     """Build mlx-lm's model for ``config`` lazily and describe its expert banks."""
     from mlx.utils import tree_flatten
@@ -117,6 +137,12 @@ def model_tree(config: dict, where: str = "config.json") -> ModelTree:
         top_k = _config_top_k(config)
     if top_k is None:
         raise CheckpointError(f"{where}: cannot tell how many experts each token uses")
+    if why := evaluates_midway(model):
+        raise CheckpointError(
+            f"{where}: mlx-lm's {config.get('model_type')} cannot be streamed exactly: {why}, "
+            "and a GPU bank hands on its output before its loads land (nothing may be "
+            "evaluated between two MoE layers)"
+        )
     params = frozenset(k for k, _ in tree_flatten(model.parameters()))
     first = next(iter(banks.values())).path
     container = first[: list(_LAYER.finditer("." + first + "."))[-1].start(1) - 1]

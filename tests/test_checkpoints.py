@@ -241,3 +241,27 @@ def test_every_architecture_streams_identically_or_is_refused(tmp_path):
             if result.startswith(("DIFFERS", "FAILED")):
                 bad.append(f"{arch} {layout} {label}: {result}")
     assert not bad, bad
+
+
+def test_forward_passes_that_evaluate_are_found():
+    # dbrx's MoE block reads its routing on the host inside the forward pass: an architecture
+    # built like that is refused (deferred GPU banks rely on nothing being evaluated midway)
+    import mlx_lm.models.dbrx as dbrx
+
+    from flashmoe.banks import evaluates_midway, model_tree
+
+    args = dbrx.ModelArgs(model_type="dbrx", d_model=64, n_heads=2, n_layers=2, vocab_size=100,
+                          ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4,
+                                      "moe_top_k": 2},
+                          attn_config={"kv_n_heads": 1, "clip_qkv": 8, "rope_theta": 1e4})
+    assert evaluates_midway(dbrx.SparseMoeBlock(args)) == "SparseMoeBlock.__call__ calls np.array"
+    cfg = make_config("qwen3_moe", **SIZES)
+    assert evaluates_midway(synth_model(cfg)) is None
+    assert model_tree(cfg).top_k == SIZES["topk"]
+
+
+def synth_model(config: dict):
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config=config)
+    return model_class(args_class.from_dict(config))
