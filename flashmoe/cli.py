@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default="2GiB", help="max bytes per safetensors shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--mode", default="affine", help="mlx quantization: affine|mxfp4|nvfp4|mxfp8")
+    p.add_argument("--recipe", help="an mlx-lm mixed-bit recipe, e.g. mixed_4_6")
+    for flag in ("fp8", "mtp", "vision", "legacy"):  # published variants (synth_variants.py)
+        p.add_argument(f"--{flag}", action="store_true")
 
     p = sub.add_parser("pack", help="write a packed expert store (one aligned record per expert)")
     p.add_argument("src")

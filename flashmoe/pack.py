@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from flashmoe.errors import CheckpointError
 from flashmoe.store import (
+    FP8_BLOCK,
     PACKED_FORMAT,
     PACKED_VERSION,
     RECORD_ALIGN,
@@ -115,59 +116,98 @@ def _from_mx(x: Any) -> np.ndarray:
     return np.array(x.view(mx.uint16) if x.dtype == mx.bfloat16 else x)
 
 
-def requantize_plan(store: Store, bits: int, group_size: int) -> tuple[RecordLayout, dict, Convert]:
-    """The target layout and a function that re-quantizes one source record into it."""
-    src, q = store.layout, store.quantization
-    projs = [t.name.rsplit(".", 1)[0] for t in src.tensors if t.name.endswith(".weight")]
-    specs, plans = [], {}
-    for proj in projs:
-        w = src.tensor(f"{proj}.weight")
-        if q is None:
-            out_dim, in_dim = w.shape
-            fdtype = w.dtype
-        else:
+def _source_weights(store: Store) -> dict[str, tuple[int, int, str]]:
+    """Each projection of the source records: (out_dim, in_dim, float dtype of its values)."""
+    src, quant = store.layout, store.quantization
+    out = {}
+    for t in src.tensors:
+        proj, kind = t.name.rsplit(".", 1)
+        if kind != "weight":
+            continue
+        q = (quant or {}).get(proj, quant)
+        if t.dtype == "float8_e4m3":
+            out[proj] = (t.shape[0], t.shape[1], "bfloat16")  # as mlx-lm dequantizes it
+        elif q:
             s = src.tensor(f"{proj}.scales")
-            out_dim, in_dim = s.shape[0], s.shape[1] * q["group_size"]
-            fdtype = s.dtype
+            out[proj] = (s.shape[0], s.shape[1] * q["group_size"], s.dtype)
+        else:
+            out[proj] = (t.shape[0], t.shape[1], t.dtype)
+    return out
+
+
+def _decode(store: Store, arrs: dict[str, np.ndarray], proj: str, fdtype: str) -> Any:
+    """One projection's weights as mlx-lm computes with them (dequantized on load for FP8)."""
+    import mlx.core as mx
+
+    src, quant = store.layout, store.quantization
+    w = _to_mx(arrs[f"{proj}.weight"], src.tensor(f"{proj}.weight").dtype)
+    if f"{proj}.weight_scale_inv" in arrs:
+        return dequantize_fp8(w, mx.array(arrs[f"{proj}.weight_scale_inv"]))
+    q = (quant or {}).get(proj, quant)
+    if not q:
+        return w
+    biases = arrs.get(f"{proj}.biases")
+    return mx.dequantize(w, _to_mx(arrs[f"{proj}.scales"], fdtype),
+                         None if biases is None else _to_mx(biases, fdtype),
+                         group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"))
+
+
+def dequantize_fp8(weight: Any, scale_inv: Any) -> Any:
+    """e4m3 codes times their 128x128 block scales, in bf16: the operations mlx-lm's sanitize
+    applies to FP8 checkpoints, so the result is bit for bit what mlx-lm computes with."""
+    import mlx.core as mx
+
+    w = mx.from_fp8(weight, dtype=mx.bfloat16)
+    m, n = w.shape
+    pm, pn = -m % FP8_BLOCK, -n % FP8_BLOCK
+    w = mx.pad(w, ((0, pm), (0, pn))).reshape(
+        (m + pm) // FP8_BLOCK, FP8_BLOCK, (n + pn) // FP8_BLOCK, FP8_BLOCK)
+    w = (w * scale_inv[:, None, :, None]).reshape(m + pm, n + pn)
+    return w[:m, :n].astype(mx.bfloat16)
+
+
+def requantize_plan(store: Store, bits: int | None,
+                    group_size: int) -> tuple[RecordLayout, dict | None, Convert]:
+    """The target layout and a function that converts one source record into it: quantized to
+    ``bits`` (affine), or, with ``bits`` None, FP8 experts dequantized to bf16 as mlx-lm does."""
+    src = store.layout
+    projs = _source_weights(store)
+    specs = []
+    for proj, (out_dim, in_dim, fdtype) in projs.items():
         if fdtype not in ("bfloat16", "float16", "float32"):
             raise CheckpointError(f"{proj}.weight: cannot quantize from dtype {fdtype}")
-        if in_dim % group_size or (in_dim * bits) % 32:
+        if bits is None:
+            specs.append((f"{proj}.weight", fdtype, (out_dim, in_dim)))
+        elif in_dim % group_size or (in_dim * bits) % 32:
             raise CheckpointError(
                 f"{proj}: input size {in_dim} is not a multiple of group size {group_size}"
             )
-        specs += [
-            (f"{proj}.weight", "uint32", (out_dim, in_dim * bits // 32)),
-            (f"{proj}.scales", fdtype, (out_dim, in_dim // group_size)),
-            (f"{proj}.biases", fdtype, (out_dim, in_dim // group_size)),
-        ]
-        plans[proj] = fdtype
+        else:
+            specs += [
+                (f"{proj}.weight", "uint32", (out_dim, in_dim * bits // 32)),
+                (f"{proj}.scales", fdtype, (out_dim, in_dim // group_size)),
+                (f"{proj}.biases", fdtype, (out_dim, in_dim // group_size)),
+            ]
         bias = f"{proj}.bias"
         if any(t.name == bias for t in src.tensors):
             b = src.tensor(bias)
             specs.append((bias, b.dtype, b.shape))
     layout = make_layout(specs)
-    quant = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    quant = None if bits is None else {"group_size": group_size, "bits": bits, "mode": "affine"}
 
     def convert(rec: memoryview, out: memoryview) -> None:
         import mlx.core as mx
 
         arrs = record_to_arrays(src, rec)
         dst = record_to_arrays(layout, out)
-        for proj, fdtype in plans.items():
-            w = _to_mx(arrs[f"{proj}.weight"], src.tensor(f"{proj}.weight").dtype)
-            if q is not None:
-                biases = arrs.get(f"{proj}.biases")
-                w = mx.dequantize(
-                    w,
-                    _to_mx(arrs[f"{proj}.scales"], fdtype),
-                    None if biases is None else _to_mx(biases, fdtype),
-                    group_size=q["group_size"],
-                    bits=q["bits"],
-                    mode=q.get("mode", "affine"),
-                )
-            wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
-            for name, x in (("weight", wq), ("scales", scales), ("biases", biases)):
-                dst[f"{proj}.{name}"][...] = _from_mx(x)
+        for proj, (_, _, fdtype) in projs.items():
+            w = _decode(store, arrs, proj, fdtype)
+            if bits is None:
+                dst[f"{proj}.weight"][...] = _from_mx(w)
+            else:
+                wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+                for name, x in (("weight", wq), ("scales", scales), ("biases", biases)):
+                    dst[f"{proj}.{name}"][...] = _from_mx(x)
             if f"{proj}.bias" in dst:
                 dst[f"{proj}.bias"][...] = arrs[f"{proj}.bias"]
 
@@ -183,7 +223,7 @@ def pack(
     progress: bool = True,
 ) -> Path:
     """Write a packed store of ``src`` to ``out``; re-quantize experts when ``bits`` is given."""
-    store = open_store(src)
+    store = open_store(src, convert=True)
     out = Path(out).absolute()
     if out == store.path:
         raise CheckpointError("pack cannot write over its own source")
@@ -214,7 +254,7 @@ def pack(
 def _pack_into(store: Store, dst: Path, bits: int | None, group_size: int, progress: bool) -> None:
     _copy_side_files(store.path, dst)
     dense_files = _write_dense(store, dst)
-    if bits is None:
+    if bits is None and not store.fp8:
         layout, quant, convert = store.layout, store.quantization, None
     else:
         layout, quant, convert = requantize_plan(store, bits, group_size)
@@ -268,7 +308,9 @@ def _pack_into(store: Store, dst: Path, bits: int | None, group_size: int, progr
         "record_stride": stride,
         "layout": layout_to_json(layout),
         "bank_paths": {str(layer): store.bank_path(layer) for layer in store.moe_layers},
+        "projections": {str(layer): store.projections(layer) for layer in store.moe_layers},
         "dense_files": dense_files,
+        "ignored": store.ignored_parts(),  # left out, as mlx-lm leaves it out; inspect lists it
         "files": files,
         "checksums": checksums,
     }

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -29,7 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from flashmoe.banks import Bank, model_tree
+from flashmoe.checkpoint import dropped_parts, ignored_reason, sort_tensors
 from flashmoe.errors import CheckpointError, ChecksumError
+from flashmoe.hub import resolve_model
 
 RECORD_ALIGN = 16384  # slot and packed-record alignment (Apple Silicon's page)
 TENSOR_ALIGN = 4096  # tensor offsets inside a record
@@ -85,6 +87,7 @@ _ST_DTYPES = {
     "I16": "int16",
     "I64": "int64",
     "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3",
 }
 ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 # numpy views of record tensors; bf16 has no numpy dtype so it is read as its uint16 bit pattern
@@ -101,20 +104,23 @@ NP_DTYPES = {
     "int16": np.int16,
     "int64": np.int64,
     "bool": np.bool_,
+    "float8_e4m3": np.uint8,  # FP8 codes; only ``pack`` reads them (it converts them)
 }
 ITEMSIZE = {k: np.dtype(v).itemsize for k, v in NP_DTYPES.items()}
 
 PROJ_ORDER = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")
-KIND_ORDER = ("weight", "scales", "biases", "bias")
+KIND_ORDER = ("weight", "scales", "biases", "bias", "weight_scale_inv")
+FP8_BLOCK = 128  # FP8 checkpoints scale 128x128 blocks (weight_scale_inv), as mlx-lm reads them
 
 
 def _roundup(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def _tensor_sort_key(name: str) -> tuple[int, int]:
+def _tensor_sort_key(name: str) -> tuple[int, int, int]:
     proj, kind = name.rsplit(".", 1)
-    return PROJ_ORDER.index(proj), KIND_ORDER.index(kind)
+    base, _, variant = proj.partition("~")  # "down_proj~2": layers stored another way
+    return PROJ_ORDER.index(base), int(variant or 0), KIND_ORDER.index(kind)
 
 
 def make_layout(specs: list[tuple[str, str, tuple[int, ...]]]) -> RecordLayout:
@@ -216,66 +222,78 @@ def read_tensor_index(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-# --- architectures ------------------------------------------------------------------------------
+# --- configs ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Arch:
-    experts_key: str
-    inter_key: str
-    text_config: bool = False  # settings live under config["text_config"] when it exists
+def text_config(config: dict) -> dict:
+    """The language model's settings (multimodal configs nest them under ``text_config``)."""
+    tc = config.get("text_config")
+    return tc if isinstance(tc, dict) and "num_hidden_layers" in tc else config
 
 
-# An architecture added here needs an exactness test, and its mlx-lm forward pass must evaluate
-# nothing between two MoE layers (GPU banks hand on their output before their loads land:
-# orchestrator/streamed.py, DEFER; tests/test_engine.py checks every entry with it on).
-ARCHS = {
-    "qwen3_moe": _Arch("num_experts", "moe_intermediate_size"),
-    "qwen3_5_moe": _Arch("num_experts", "moe_intermediate_size", text_config=True),
-    "deepseek_v3": _Arch("n_routed_experts", "moe_intermediate_size"),
-    "mixtral": _Arch("num_local_experts", "intermediate_size"),
-}
+def _quant_settings(config: dict) -> dict:
+    q = config.get("quantization")
+    return q if isinstance(q, dict) else {}
 
 
-def _text_config(config: dict) -> dict:
-    if ARCHS[config["model_type"]].text_config:
-        return config.get("text_config", config)
-    return config
+def _mode(scales_dtype: str, bits: int, group: int, name: str) -> str:
+    # as mlx-lm infers it: only affine keeps its scales in a float dtype; each other mode has
+    # exactly one (bits, group size)
+    if scales_dtype != "uint8":
+        return "affine"
+    modes = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}
+    if (bits, group) not in modes:
+        raise CheckpointError(f"{name}: cannot tell the quantization mode of {bits} bits with "
+                              f"group size {group} and uint8 scales")
+    return modes[(bits, group)]
 
 
-def _expected_moe_layers(model_type: str, tc: dict) -> list[int]:
-    n = tc["num_hidden_layers"]
-    if model_type == "qwen3_moe":
-        step = tc.get("decoder_sparse_step", 1)
-        skip = set(tc.get("mlp_only_layers", []))
-        return [i for i in range(n) if i not in skip and (i + 1) % step == 0]
-    if model_type == "deepseek_v3":
-        k, freq = tc.get("first_k_dense_replace", 0), tc.get("moe_layer_freq", 1)
-        return [i for i in range(n) if i >= k and i % freq == 0]
-    return list(range(n))
+def union_layout(variants: list[tuple[RecordLayout, dict]]) -> tuple[RecordLayout,
+                                                                     list[dict[str, str]]]:
+    """One record layout that holds every layer's experts, and each variant's record name per
+    projection. Layers whose projection is stored the same way share its tensors; a projection
+    stored another way (mixed bits per layer) gets tensors of its own, ``proj~N``, so a cache slot
+    has room for each way and every layer computes with exactly its own tensors."""
+    specs: list[tuple[str, str, tuple[int, ...]]] = []
+    taken: dict[str, tuple] = {}  # record name -> (tensors, quantization)
+    names = []
+    for i, (lay, quant) in enumerate(variants):
+        own = {}
+        for proj in sorted({t.name.split(".")[0] for t in lay.tensors}):
+            tensors = tuple((t.name.split(".", 1)[1], t.dtype, t.shape) for t in lay.tensors
+                            if t.name.split(".")[0] == proj)
+            key = (tensors, quant.get(proj))
+            same = [n for n, k in taken.items() if n.split("~")[0] == proj and k == key]
+            if same:
+                own[proj] = same[0]
+                continue
+            name = proj if proj not in taken else f"{proj}~{i}"
+            taken[name] = key
+            specs += [(f"{name}.{kind}", dtype, shape) for kind, dtype, shape in tensors]
+            own[proj] = name
+        names.append(own)
+    return make_layout(specs), names
 
 
-_PREFIX = (
-    r"(?P<prefix>model\.|model\.language_model\.|language_model\.model\.)layers\.(?P<layer>\d+)"
-)
-_BLOCK = r"\.(?P<block>mlp|block_sparse_moe)"
-_RE_MLX = re.compile(
-    _PREFIX + _BLOCK + r"\.switch_mlp\.(?P<proj>gate_proj|up_proj|down_proj|fc1|fc2)"
-    r"\.(?P<kind>weight|scales|biases|bias)$"
-)
-_RE_HF = re.compile(
-    _PREFIX + _BLOCK + r"\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)"
-    r"\.(?P<kind>weight|bias|weight_scale_inv)$"
-)
-_RE_FUSED = re.compile(_PREFIX + _BLOCK + r"\.experts\.(?P<proj>gate_up_proj|down_proj)$")
-_HF_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+def _renamed(tensor: str, names: dict[str, str]) -> str:
+    proj, kind = tensor.split(".", 1)
+    return f"{names[proj]}.{kind}"
 
 
-def _bank_path(prefix: str, layer: int, block: str) -> str:
-    # the post-sanitize module path of the expert bank (what mlx-lm's model tree uses)
-    if prefix == "model.language_model.":
-        prefix = "language_model.model."
-    return f"{prefix}layers.{layer}.{block}.switch_mlp"
+def _experts(bank: Bank) -> int:
+    counts = {p.experts for p in bank.projs.values()}
+    if len(counts) != 1:
+        raise CheckpointError(f"{bank.path}: projections disagree on the number of experts")
+    return counts.pop()
+
+
+def _summary(quant: dict[str, dict | None]) -> dict | None:
+    """One quantization for the whole record when every projection shares it, else the
+    projections' own (``{proj: settings or None}``)."""
+    distinct = {json.dumps(q, sort_keys=True) for q in quant.values()}
+    if len(distinct) == 1:
+        return next(iter(quant.values()))
+    return quant
 
 
 # --- the store ----------------------------------------------------------------------------------
@@ -300,28 +318,19 @@ class Store:
         self.path = path
         self.config = config
         self.model_type = config.get("model_type", "")
-        if self.model_type not in ARCHS:
-            raise CheckpointError(
-                f"unsupported model_type {self.model_type!r} in {path / 'config.json'} "
-                f"(supported: {', '.join(sorted(ARCHS))})"
-            )
-        tc = _text_config(config)
-        arch = ARCHS[self.model_type]
-        try:
-            self.num_experts = int(tc[arch.experts_key])
-            self.top_k = int(tc["num_experts_per_tok"])
-            self._hidden = int(tc["hidden_size"])
-            self._inter = int(tc[arch.inter_key])
-            self.num_layers = int(tc["num_hidden_layers"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path / 'config.json'}: missing or bad setting {e}") from None
+        self.num_layers = int(text_config(config).get("num_hidden_layers") or 0)
+        self.fp8 = False  # experts are FP8 block-scaled: ``flashmoe pack`` converts them
         self._checksums: dict[int, list[int]] | None = None
         self._bank_paths: dict[int, str] = {}
         self._dense_tensors: dict[str, TensorInfo] = {}
+        self._ignored: dict[str, list[int]] = {}  # part -> [tensors, bytes]
         self._files: list[str] = []
         self._file_idx: dict[int, np.ndarray] = {}  # layer -> [tensors, experts] index in _files
         self._file_off: dict[int, np.ndarray] = {}  # layer -> [tensors, experts] file offsets
         self._fds: dict[str, int] = {}
+        self._projs: dict[int, dict[str, str]] = {}  # layer -> {projection: record name}
+        self._specs: dict[int, list[TensorSpec]] = {}  # layer -> the record tensors it fills
+
 
     # -- public API --
 
@@ -339,7 +348,7 @@ class Store:
             return [Extent(self._files[fi[0]], int(fo[0]), self.layout.nbytes, 0)]
         return [
             Extent(self._files[fi[t]], int(fo[t]), spec.nbytes, spec.offset)
-            for t, spec in enumerate(self.layout.tensors)
+            for t, spec in enumerate(self._specs[layer])
         ]
 
     def checksum(self, layer: int, expert: int) -> int | None:
@@ -385,8 +394,14 @@ class Store:
 
     def expert_bytes_total(self) -> int:
         """Bytes of routed-expert tensors over all MoE layers (record padding excluded)."""
-        per = sum(t.nbytes for t in self.layout.tensors)
-        return per * self.num_experts * len(self.moe_layers)
+        return self.num_experts * sum(t.nbytes for layer in self.moe_layers
+                                      for t in self._specs[layer])
+
+    def projections(self, layer: int) -> dict[str, str]:
+        """The record's name for each projection of ``layer``'s bank: the projection's own,
+        or ``proj~N`` where layers store it another way (mixed bits per layer)."""
+        self._check(layer, 0)
+        return dict(self._projs[layer])
 
     def dense_bytes(self) -> int:
         """Bytes of every non-expert tensor of the checkpoint."""
@@ -395,6 +410,11 @@ class Store:
     def dense_tensors(self) -> dict[str, TensorInfo]:
         """Non-expert tensors by original checkpoint name (what ``pack`` copies as they are)."""
         return dict(self._dense_tensors)
+
+    def ignored_parts(self) -> dict[str, list[int]]:
+        """What the checkpoint holds that mlx-lm never loads (MTP layers, vision and audio
+        towers): ``{part: [tensors, bytes]}``; neither experts nor dense bytes."""
+        return {k: list(v) for k, v in self._ignored.items()}
 
     def describe(self) -> dict[str, Any]:
         """A summary of the store (what ``flashmoe inspect`` prints)."""
@@ -410,6 +430,8 @@ class Store:
             "record_stride": self.record_stride,
             "expert_bytes_total": self.expert_bytes_total(),
             "dense_bytes": self.dense_bytes(),
+            "ignored": [{"part": k, "tensors": n, "bytes": b}
+                        for k, (n, b) in sorted(self._ignored.items())],
             "quantization": self.quantization,
             "checksums": self._checksums is not None,
             "record_tensors": [
@@ -435,189 +457,114 @@ class Store:
             return self._file_ids[path]
 
     def _index_checkpoint(self) -> None:
-        """Classify a checkpoint's tensors into per-layer expert records and dense tensors."""
+        """Find the expert banks in mlx-lm's model tree and their tensors in the checkpoint."""
+        tree = model_tree(self.config, str(self.path / "config.json"))
         tensors = read_tensor_index(self.path)
+        self.top_k = tree.top_k
+        self.num_layers = tree.num_layers
+        found = sort_tensors(tensors, tree, self.num_layers)
+        self.kind = found.kind
+        self._dense_tensors = found.dense
+        drop = dropped_parts(tree)
+        for name, info in found.ignored.items():
+            part = self._ignored.setdefault(ignored_reason(name, drop, self.num_layers), [0, 0])
+            part[0] += 1
+            part[1] += info.nbytes
         self._file_ids: dict[str, int] = {}
-        per_layer: dict[int, dict[str, list[TensorInfo]]] = {}
-        specs: dict[int, dict[str, tuple[str, tuple[int, ...]]]] = {}
-        found_mlx = any(_RE_MLX.match(k) for k in tensors)
-        self.kind = "mlx" if found_mlx else "hf"
-        self._global_quant = self._mlx_quantization() if found_mlx else None
-        self._expert_quant: list[dict | None] = []  # the experts' own, once one bank is seen
-        hf_experts: dict[tuple[int, str], dict[int, TensorInfo]] = {}
-        E, H, I = self.num_experts, self._hidden, self._inter  # noqa: E741
-        for name, info in tensors.items():
-            if m := _RE_MLX.match(name):
-                layer = int(m["layer"])
-                self._bank_paths[layer] = _bank_path(m["prefix"], layer, m["block"])
-                rec = f"{m['proj']}.{m['kind']}"
-                self._check_mlx_shape(name, info, m["proj"], m["kind"])
-                row = info.nbytes // E
-                offs = [info.offset + e * row for e in range(E)]
-                per_layer.setdefault(layer, {})[rec] = [
-                    TensorInfo(info.path, o, row, info.dtype, info.shape[1:]) for o in offs
-                ]
-            elif m := _RE_HF.match(name):
-                layer = int(m["layer"])
-                self._bank_paths[layer] = _bank_path(m["prefix"], layer, m["block"])
-                if m["kind"] == "weight_scale_inv":
-                    raise CheckpointError(
-                        f"{name}: fp8 block-quantized experts are not supported; "
-                        "use a bf16 or mlx-community checkpoint"
-                    )
-                expert = int(m["expert"])
-                if expert >= E:
-                    raise CheckpointError(
-                        f"config.json says {E} experts but {info.path} has {name}"
-                    )
-                rec = f"{_HF_PROJ.get(m['proj'], m['proj'])}.{m['kind']}"
-                hf_experts.setdefault((layer, rec), {})[expert] = info
-                prefix = f"{m['prefix']}layers.{layer}.{m['block']}.experts"
-                specs.setdefault(layer, {})[rec] = (prefix, ())
-            elif m := _RE_FUSED.match(name):
-                layer = int(m["layer"])
-                self._bank_paths[layer] = _bank_path(m["prefix"], layer, m["block"])
-                recs = per_layer.setdefault(layer, {})
-                rows = 2 * I if m["proj"] == "gate_up_proj" else H
-                cols = H if m["proj"] == "gate_up_proj" else I
-                if info.shape != (E, rows, cols):
-                    raise CheckpointError(
-                        f"{name} has shape {list(info.shape)} but config.json says "
-                        f"[{E}, {rows}, {cols}] (experts, hidden, moe_intermediate_size)"
-                    )
-                blk = info.nbytes // E
-                if m["proj"] == "down_proj":
-                    recs["down_proj.weight"] = [
-                        TensorInfo(info.path, info.offset + e * blk, blk, info.dtype, (H, I))
-                        for e in range(E)
-                    ]
-                else:
-                    half = blk // 2
-                    for j, proj in enumerate(("gate_proj", "up_proj")):
-                        recs[f"{proj}.weight"] = [
-                            TensorInfo(
-                                info.path,
-                                info.offset + e * blk + j * half,
-                                half,
-                                info.dtype,
-                                (I, H),
-                            )
-                            for e in range(E)
-                        ]
-            else:
-                self._dense_tensors[name] = info
-        for (layer, rec), by_expert in hf_experts.items():
-            prefix = specs[layer][rec][0]
-            missing = [e for e in range(E) if e not in by_expert]
-            if missing:
-                raise CheckpointError(
-                    f"missing expert tensor {prefix}.{missing[0]}.{rec} "
-                    f"({len(missing)} of {E} experts missing)"
-                )
-            want = (H, I) if rec.startswith("down_proj") else (I, H)
-            for e, info in by_expert.items():
-                if rec.endswith(".weight") and info.shape != want:
-                    raise CheckpointError(
-                        f"{prefix}.{e}.{rec} has shape {list(info.shape)} but config.json says "
-                        f"{list(want)} (hidden_size, moe_intermediate_size)"
-                    )
-            per_layer.setdefault(layer, {})[rec] = [by_expert[e] for e in range(E)]
-        self.quantization = self._expert_quant[0] if self._expert_quant else None
-        self._build_tables(per_layer)
-
-    def _mlx_quantization(self) -> dict | None:
-        q = self.config.get("quantization") or self.config.get("quantization_config")
-        if not q:
-            return None
-        return {
-            "group_size": int(q["group_size"]),
-            "bits": int(q["bits"]),
-            "mode": q.get("mode", "affine"),
-        }
-
-    def _bank_quant(self, name: str) -> dict | None:
-        # mlx-lm allows per-module overrides keyed by module path in config["quantization"]
-        module = name.rsplit(".", 1)[0]
-        q = self.config.get("quantization") or {}
-        if isinstance(q.get(module), dict):
-            return {"group_size": q[module]["group_size"], "bits": q[module]["bits"],
-                    "mode": q[module].get("mode", "affine")}  # fmt: skip
-        if q.get(module) is False:
-            return None
-        return self._global_quant
-
-    def _check_mlx_shape(self, name: str, info: TensorInfo, proj: str, kind: str) -> None:
-        E, H, I = self.num_experts, self._hidden, self._inter  # noqa: E741
-        out_dim, in_dim = (H, I) if proj in ("down_proj", "fc2") else (I, H)
-        q = self._bank_quant(name)
-        if not self._expert_quant:
-            self._expert_quant.append(q)
-        elif q != self._expert_quant[0]:
-            raise CheckpointError(
-                f"{name}: quantization {q} differs from other experts' {self._expert_quant[0]}; "
-                "mixed expert quantization is not supported"
-            )
-        if kind == "bias":
-            want: tuple[int, ...] = (E, out_dim)
-        elif q is None:
-            want = (E, out_dim, in_dim)
-        elif kind == "weight":
-            want = (E, out_dim, in_dim * q["bits"] // 32)
-        else:
-            want = (E, out_dim, in_dim // q["group_size"])
-        if info.shape != want:
-            raise CheckpointError(
-                f"{name} has shape {list(info.shape)} but config.json implies {list(want)} "
-                f"(experts={E}, hidden_size={H}, moe_intermediate_size={I}, quantization={q})"
-            )
-
-    def _build_tables(self, per_layer: dict[int, dict[str, list[TensorInfo]]]) -> None:
-        tc = _text_config(self.config)
-        expected = _expected_moe_layers(self.model_type, tc) if self.num_experts > 0 else []
-        for layer in expected:
-            if layer not in per_layer:
+        self.moe_layers = sorted(tree.banks)
+        variants: list[tuple[RecordLayout, dict]] = []
+        own: dict[int, tuple[int, dict[str, list[TensorInfo]]]] = {}
+        for layer in self.moe_layers:
+            bank = tree.banks[layer]
+            recs = found.experts.get(layer)
+            if not recs:
                 raise CheckpointError(
                     f"missing expert tensors for layer {layer} in {self.path} "
-                    f"(config.json expects routed experts there)"
+                    f"(mlx-lm's model has an expert bank there: {bank.path})"
                 )
-        extra = sorted(set(per_layer) - set(expected))
-        if extra:
-            raise CheckpointError(
-                f"layer {extra[0]} has expert tensors but config.json makes it a dense layer"
-            )
-        self.moe_layers = expected
-        layout = None
-        for layer in expected:
-            recs = per_layer[layer]
+            quant = {p: self._proj_quant(bank, p, recs) for p in sorted(bank.projs)}
             lay = make_layout([(n, v[0].dtype, v[0].shape) for n, v in recs.items()])
-            for t in lay.tensors:
-                if t.dtype not in ITEMSIZE:
-                    raise CheckpointError(f"layer {layer} {t.name}: unsupported dtype {t.dtype}")
-            if layout is None:
-                layout = lay
-                names = {t.name for t in lay.tensors}
-                need = {"down_proj.weight"} if "gate_proj.weight" in names else {"fc1.weight"}
-                if not need <= names:
-                    raise CheckpointError(f"layer {layer}: incomplete expert bank {sorted(names)}")
-            elif lay != layout:
-                raise CheckpointError(
-                    f"layer {layer}'s expert tensors differ from layer {expected[0]}'s "
-                    "(names, dtypes or shapes)"
-                )
-            T = len(lay.tensors)
-            fidx = np.zeros((T, self.num_experts), np.int32)
-            foff = np.zeros((T, self.num_experts), np.int64)
-            for t, spec in enumerate(lay.tensors):
-                for e, info in enumerate(recs[spec.name]):
+            if (lay, quant) not in variants:
+                variants.append((lay, quant))
+            own[layer] = variants.index((lay, quant)), recs
+            self._bank_paths[layer] = bank.path
+        self.num_experts = _experts(tree.banks[self.moe_layers[0]])
+        if any(_experts(tree.banks[layer]) != self.num_experts for layer in self.moe_layers):
+            raise CheckpointError(f"{self.path}: layers differ in their number of experts")
+        self.layout, names = union_layout(variants)
+        self.quantization = _summary({names[i][p]: q for i, (_, qs) in enumerate(variants)
+                                      for p, q in qs.items()})
+        for layer, (i, recs) in own.items():
+            self._projs[layer] = names[i]
+            specs = [self.layout.tensor(_renamed(t.name, names[i])) for t in variants[i][0].tensors]
+            self._specs[layer] = specs
+            fidx = np.zeros((len(specs), self.num_experts), np.int32)
+            foff = np.zeros((len(specs), self.num_experts), np.int64)
+            for t, orig in enumerate(variants[i][0].tensors):
+                for e, info in enumerate(recs[orig.name]):
                     fidx[t, e] = self._file_id(info.path)
                     foff[t, e] = info.offset
             self._file_idx[layer] = fidx
             self._file_off[layer] = foff
-        if layout is None:
-            raise CheckpointError(f"{self.path}: no routed experts found")
-        self.layout = layout
-        self.record_stride = _roundup(layout.nbytes, RECORD_ALIGN)
+        self.record_stride = _roundup(self.layout.nbytes, RECORD_ALIGN)
         self.dense_dir = self.path
+
+    def _proj_quant(self, bank: Bank, proj: str, recs: dict[str, list[TensorInfo]]) -> dict | None:
+        """How one projection of a bank is stored (None: plain weights), checked against the
+        shapes mlx-lm's model gives it; the quantization is found as mlx-lm's loader finds it
+        (the config's entry for the module, else the tensors' shapes and scales dtype)."""
+        p = bank.projs[proj]
+        name = f"{bank.path}.{proj}"
+        first = {k.split(".", 1)[1]: v[0] for k, v in recs.items() if k.split(".")[0] == proj}
+        unknown = set(first) - {"weight", "scales", "biases", "bias", "weight_scale_inv"}
+        if "global_scale" in unknown:
+            raise CheckpointError(
+                f"{name}: nvfp4 with a per-expert global_scale is not streamed (its float32 "
+                "scale would be cached in the compute dtype, which is not exact on a GPU)"
+            )
+        if unknown:
+            raise CheckpointError(f"{name}: unknown expert tensor kinds {sorted(unknown)}")
+        if "weight" not in first:
+            raise CheckpointError(f"{name}.weight is missing from {self.path}")
+        w, s = first["weight"], first.get("scales")
+        want: dict[str, tuple[int, ...]] = {}
+        q = None
+        if "weight_scale_inv" in first:
+            self.fp8 = True
+            if w.dtype != "float8_e4m3":
+                raise CheckpointError(f"{name}.weight_scale_inv beside a {w.dtype} weight")
+            blocks = (-(-p.out_dim // FP8_BLOCK), -(-p.in_dim // FP8_BLOCK))
+            want = {"weight": (p.out_dim, p.in_dim), "weight_scale_inv": blocks}
+        elif s is None:
+            want = {"weight": (p.out_dim, p.in_dim)}
+        else:
+            q = _quant_settings(self.config).get(name)
+            if not isinstance(q, dict):
+                group = p.in_dim // max(1, s.shape[-1])
+                bits = w.shape[-1] * 32 // p.in_dim
+                q = {"group_size": group, "bits": bits, "mode": _mode(s.dtype, bits, group, name)}
+            q = {"group_size": int(q["group_size"]), "bits": int(q["bits"]),
+                 "mode": q.get("mode", "affine")}  # fmt: skip
+            want = {"weight": (p.out_dim, p.in_dim * q["bits"] // 32),
+                    "scales": (p.out_dim, p.in_dim // q["group_size"])}  # fmt: skip
+            if q["mode"] == "affine":
+                want["biases"] = want["scales"]
+        if p.bias:
+            want["bias"] = (p.out_dim,)
+        for kind, info in first.items():
+            if kind not in want:
+                raise CheckpointError(f"{name}.{kind} is not a tensor of mlx-lm's {proj} "
+                                      f"(quantization {q})")
+            if tuple(info.shape) != want[kind]:
+                raise CheckpointError(
+                    f"{name}.{kind} has shape {list(info.shape)} per expert but config.json "
+                    f"implies {list(want[kind])} (quantization {q})"
+                )
+        missing = set(want) - set(first)
+        if missing:
+            raise CheckpointError(f"{name}.{sorted(missing)[0]} is missing from {self.path}")
+        return q
+
 
     def _index_packed(self, manifest: dict) -> None:
         mpath = self.path / "manifest.json"
@@ -638,6 +585,8 @@ class Store:
             files = {int(k): v for k, v in manifest["files"].items()}
             self._checksums = {int(k): list(v) for k, v in manifest["checksums"].items()}
             dense_files = manifest["dense_files"]
+            projs = manifest.get("projections", {})
+            self._ignored = {k: list(v) for k, v in manifest.get("ignored", {}).items()}
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{mpath}: bad manifest ({e!r})") from None
         self._file_ids = {}
@@ -653,6 +602,10 @@ class Store:
                 )
             if len(self._checksums[layer]) != E:
                 raise CheckpointError(f"{mpath}: wrong number of checksums for layer {layer}")
+            self._projs[layer] = projs.get(str(layer)) or {
+                t.name.split(".")[0]: t.name.split(".")[0] for t in self.layout.tensors}
+            self._specs[layer] = [t for t in self.layout.tensors
+                                  if t.name.split(".")[0] in self._projs[layer].values()]
             self._file_idx[layer] = np.full((1, E), self._file_id(str(f)), np.int32)
             self._file_off[layer] = (np.arange(E, dtype=np.int64) * self.record_stride)[None]
         for name in dense_files:
@@ -679,9 +632,11 @@ def _load_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: bad JSON ({e})") from None
 
 
-def open_store(path: str | os.PathLike) -> Store:
-    """Open a checkpoint or packed store directory; detects its kind and validates it."""
-    path = Path(path).absolute()
+def open_store(path: str | os.PathLike, convert: bool = False) -> Store:
+    """Open a checkpoint or packed store directory (or a Hugging Face repository id, see
+    ``flashmoe.hub``); detects its kind and validates it. A store whose experts must be
+    converted before they stream (FP8 block-scaled) opens only with ``convert``."""
+    path = resolve_model(path).absolute()
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory")
     manifest_path = path / "manifest.json"
@@ -698,6 +653,12 @@ def open_store(path: str | os.PathLike) -> Store:
         )
     store = Store(path, _load_json(path / "config.json"))
     store._index_checkpoint()
+    if store.fp8 and not convert:
+        raise CheckpointError(
+            f"{path}: the experts are FP8 block-scaled (e4m3 with weight_scale_inv), which "
+            "flashmoe does not stream in place; `flashmoe pack MODEL OUT` converts them exactly "
+            "as mlx-lm does (to bf16; --bits 4 or 8 re-quantizes them)"
+        )
     return store
 
 
@@ -709,14 +670,23 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _quant_text(q: dict | None) -> str:
+    if not q:
+        return "none"
+    if "bits" not in q:  # per projection
+        return "; ".join(f"{p}: {_quant_text(v)}" for p, v in q.items())
+    return f"{q['bits']}-bit, group size {q['group_size']} ({q['mode']})"
+
+
 def cmd_inspect(args: Any) -> int:
     """``flashmoe inspect MODEL [--json]``."""
-    d = open_store(args.model).describe()
+    d = open_store(args.model, convert=True).describe()
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
-    q = d["quantization"]
-    qs = f"{q['bits']}-bit, group size {q['group_size']} ({q['mode']})" if q else "none"
+    qs = _quant_text(d["quantization"])
+    ignored = ", ".join(f"{p['part']} ({p['tensors']} tensors, {_human(p['bytes'])})"
+                        for p in d["ignored"]) or "none"
     rows = [
         ("path", d["path"]),
         ("store kind", d["kind"] + (" (with checksums)" if d["checksums"] else "")),
@@ -728,6 +698,7 @@ def cmd_inspect(args: Any) -> int:
         ("bytes per expert", f"{d['record_bytes']:,} ({_human(d['record_bytes'])})"),
         ("total expert bytes", f"{d['expert_bytes_total']:,} ({_human(d['expert_bytes_total'])})"),
         ("dense bytes", f"{d['dense_bytes']:,} ({_human(d['dense_bytes'])})"),
+        ("ignored", ignored),
         ("expert quantization", qs),
         ("record", ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in d["record_tensors"])),
     ]

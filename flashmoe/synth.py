@@ -30,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from flashmoe import synth_variants as variants
 from flashmoe.errors import CheckpointError, FlashMoeError
+from flashmoe.synth_configs import generic_config
 
 ARCHS = ("qwen3_moe", "qwen3_5_moe", "deepseek_v3", "mixtral")
 LAYOUTS = ("hf", "mlx")
@@ -43,8 +45,11 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-_ITEMSIZE = {"F32": 4, "U32": 4, "BF16": 2}
-_MX_DTYPE = {"float32": "F32", "uint32": "U32", "bfloat16": "BF16"}
+_ITEMSIZE = {"F32": 4, "U32": 4, "BF16": 2, "U8": 1, "F8_E4M3": 1}
+_MX_DTYPE = {"float32": "F32", "uint32": "U32", "bfloat16": "BF16", "uint8": "U8"}
+MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
+_LEGACY_NAMES = {"mixtral": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}}
+_FP_TYPICAL = {"mxfp4": 2.5, "nvfp4": 2.5, "mxfp8": 60.0}  # std of random codes of each mode
 
 
 @dataclass(frozen=True)
@@ -423,8 +428,13 @@ def _lazy_model(config: dict):
     from mlx.utils import tree_flatten, tree_map_with_path
     from mlx_lm.utils import _get_classes
 
+    from flashmoe.banks import find_banks
+
     model_class, args_class = _get_classes(config=config)
     model = model_class(args_class.from_dict(config))
+    if not find_banks(model):
+        raise CheckpointError(f"{config.get('model_type')}: mlx-lm's model has no routed experts "
+                              "(no SwitchGLU / SwitchMLP bank)")
     # as convert does after loading a bf16 checkpoint: float params in bf16, except where the
     # model asks to keep them (A_log, e_score_correction_bias stay float32 as published)
     keep = getattr(model, "cast_predicate", lambda _: True)
@@ -451,10 +461,76 @@ def _param_list(model, tree_flatten) -> list[tuple[str, tuple, str]]:
 def _plan_hf(arch: str, config: dict) -> tuple[list[_Tensor], dict, dict]:
     model, tree_flatten = _lazy_model(copy.deepcopy(config))
     cfg = config.get("text_config", config)
-    return _HF_NAMES[arch](_param_list(model, tree_flatten), cfg), config, {}
+    params = _param_list(model, tree_flatten)
+    if arch in _HF_NAMES:
+        return _HF_NAMES[arch](params, cfg), config, {}
+    return _hf_per_expert(arch, params, model), config, {}
 
 
-def _plan_mlx(config: dict, bits: int, group_size: int) -> tuple[list[_Tensor], dict, dict]:
+def _hf_gpt_oss(params: list, cfg: dict) -> list[_Tensor]:
+    """gpt-oss as OpenAI publishes it: mxfp4 experts, gate and up rows interleaved in one
+    ``gate_up_proj`` (blocks of 16 bytes = 32 e2m1 codes, one e8m0 scale per block)."""
+    shapes = {n: s for n, s, _ in params}
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    out = []
+    for name, shape, dtype in params:
+        if ".mlp.experts." not in name:
+            out.append(_spec(name, dtype, shape))
+            continue
+        prefix, _, leaf = name.partition(".mlp.experts.")
+        base = f"{prefix}.mlp.experts."
+        if leaf == "gate_proj.weight":
+            e, rows, cols = shape
+            fused, n_rows = "gate_up_proj", 2 * rows
+        elif leaf == "down_proj.weight":
+            e, n_rows, cols = shape
+            fused = "down_proj"
+        elif leaf in ("gate_proj.bias", "down_proj.bias"):
+            rows = shapes[name][-1] * (2 if leaf.startswith("gate") else 1)
+            fused = "gate_up_proj" if leaf.startswith("gate") else "down_proj"
+            out.append(_Tensor(f"{base}{fused}_bias", dtype, (shape[0], rows), "const", 0.0,
+                               key=f"{base}{fused}_bias"))
+            continue
+        else:
+            continue  # up_proj: inside gate_up_proj
+        std = 1.0 / math.sqrt(cols)
+        out.append(_Tensor(f"{base}{fused}_blocks", "U8", (e, n_rows, cols // 32, 16), "bytes",
+                           key=f"{base}{fused}_blocks"))
+        out.append(_Tensor(f"{base}{fused}_scales", "U8", (e, n_rows, cols // 32),
+                           "scales_mxfp4", std, key=f"{base}{fused}_scales"))
+    return out
+
+
+_HF_NAMES["gpt_oss"] = _hf_gpt_oss
+
+
+def _hf_per_expert(arch: str, params: list, model) -> list[_Tensor]:
+    """Per-expert tensors under the names the family's ``sanitize`` in mlx-lm stacks
+    (``flashmoe.checkpoint.HF_FAMILIES``); the rest as mlx-lm names it."""
+    from flashmoe.banks import find_banks
+    from flashmoe.checkpoint import HF_FAMILIES, canonical_model_type
+
+    family = HF_FAMILIES.get(canonical_model_type(arch))
+    if family is None or family.fused or family.refused:
+        raise CheckpointError(f"--layout hf: no per-expert Hugging Face names known for {arch}")
+    published = {v: k for k, v in (family.projs or {}).items()}
+    banks = {path for path, _, _ in find_banks(model)}
+    out = []
+    for name, shape, dtype in params:
+        module, _, kind = name.rpartition(".")
+        bank, _, proj = module.rpartition(".")
+        if bank not in banks:
+            out.append(_spec(name, dtype, shape))
+            continue
+        parent = bank.rpartition(".")[0]
+        for e in range(shape[0]):
+            out.append(_spec(f"{parent}.experts.{e}.{published.get(proj, proj)}.{kind}", dtype,
+                             shape[1:]))
+    return out
+
+
+def _plan_mlx(config: dict, bits: int, group_size: int | None, mode: str = "affine",
+              recipe: str | None = None) -> tuple[list[_Tensor], dict, dict]:
     from mlx_lm.utils import get_total_parameters, quantize_model
 
     # convert builds the model from the very dict it saves (mlx-lm's args rewrite some fields,
@@ -462,7 +538,13 @@ def _plan_mlx(config: dict, bits: int, group_size: int) -> tuple[list[_Tensor], 
     config = copy.deepcopy(config)
     model, tree_flatten = _lazy_model(config)
     with contextlib.redirect_stdout(io.StringIO()):  # quantize_model prints a bits/weight line
-        model, qconfig = quantize_model(model, config, group_size, bits)
+        predicate = None
+        if recipe is not None:
+            from mlx_lm.convert import mixed_quant_predicate_builder
+
+            predicate = mixed_quant_predicate_builder(recipe, model, group_size or 64)
+        model, qconfig = quantize_model(model, config, group_size, bits, mode=mode,
+                                        quant_predicate=predicate)
     modules = dict(model.named_modules())
     tensors = []
     for name, shape, dtype in _param_list(model, tree_flatten):
@@ -476,6 +558,10 @@ def _plan_mlx(config: dict, bits: int, group_size: int) -> tuple[list[_Tensor], 
         unpacked = (*w_shape[:-1], w_shape[-1] * 32 // qbits)
         _, std = _float_fill(f"{path}.weight", unpacked)
         fill = {"weight": "packed", "scales": "scales", "biases": "biases"}[leaf]
+        qmode = getattr(module, "mode", "affine")
+        if qmode != "affine" and leaf != "biases":
+            fill = {"weight": "packed_fp8" if qmode == "mxfp8" else "packed",
+                    "scales": f"scales_{qmode}"}[leaf]
         key = name if leaf == "weight" else f"{path}.scales"  # scales and biases must agree
         tensors.append(_Tensor(name, dtype, shape, fill, std, qbits, key=key))
     qconfig.pop("_name_or_path", None)
@@ -511,8 +597,24 @@ def _chunks(t: _Tensor, seed: int) -> Iterator[bytes]:
     rng = _rng(seed, t.key)
     for start in range(0, n, CHUNK):
         m = min(CHUNK, n - start)
-        if t.fill == "packed":
-            yield rng.bytes(4 * m)
+        if t.fill in ("packed", "bytes"):
+            yield rng.bytes((4 if t.fill == "packed" else 1) * m)
+            continue
+        if t.fill in ("fp8", "packed_fp8"):  # e4m3 codes of magnitude 1/8..4, never NaN
+            n = m * (4 if t.fill == "packed_fp8" else 1)
+            sign = rng.integers(0, 2, n, dtype=np.uint8) << np.uint8(7)
+            exp = rng.integers(4, 9, n, dtype=np.uint8) << np.uint8(3)
+            yield (sign | exp | rng.integers(0, 8, n, dtype=np.uint8)).tobytes()
+            continue
+        if t.fill.startswith("scales_"):  # uint8 scales: e8m0 (mx modes) or e4m3 (nvfp4)
+            mode = t.fill[len("scales_"):]
+            e = round(math.log2(t.std / _FP_TYPICAL[mode]))
+            jitter = rng.integers(-1, 2, m)
+            if mode == "nvfp4":
+                code = (np.clip(e + 7 + jitter, 1, 14) << 3) | rng.integers(0, 8, m)
+            else:
+                code = np.clip(e + 127 + jitter, 1, 254)
+            yield code.astype(np.uint8).tobytes()
             continue
         if t.fill in ("scales", "biases"):
             levels = (1 << t.bits) - 1
@@ -524,6 +626,8 @@ def _chunks(t: _Tensor, seed: int) -> Iterator[bytes]:
             x = rng.standard_normal(m, dtype=np.float32) * np.float32(t.std)
         elif t.fill == "const":
             x = np.full(m, t.std, dtype=np.float32)
+        elif t.fill == "scale_inv":  # FP8 block scales: e4m3 codes have std ~1.5
+            x = (t.std / 1.5 * rng.uniform(0.8, 1.2, m)).astype(np.float32)
         elif t.fill == "log_uniform":
             x = np.log(rng.uniform(1.0, 16.0, m)).astype(np.float32)
         else:
@@ -667,6 +771,14 @@ def _tokenizer_config(vocab: int) -> dict:
 # Public API
 
 
+def make_config(arch: str, **sizes: int) -> dict:
+    """The ``config.json`` ``synth`` writes for ``arch`` (sizes as ``Dims``' fields), to edit and
+    hand back to ``synth(config=...)``."""
+    d = Dims(**sizes)
+    return _CONFIGS[arch](d, {s: d.vocab - len(SPECIAL_TOKENS) + j
+                              for j, s in enumerate(SPECIAL_TOKENS)})
+
+
 def _eos_ids(special: dict) -> list[int]:
     return [special["<|im_end|>"], special["<|endoftext|>"]]
 
@@ -680,7 +792,7 @@ def synth(
     arch: str,
     layout: str = "hf",
     bits: int = 4,
-    group_size: int = 64,
+    group_size: int | None = None,
     layers: int | None = None,
     hidden: int | None = None,
     experts: int | None = None,
@@ -691,17 +803,31 @@ def synth(
     shard_size: int = 2 << 30,
     progress: bool = False,
     force: bool = False,
+    mode: str = "affine",
+    recipe: str | None = None,
+    fp8: bool = False,
+    mtp: bool = False,
+    vision: bool = False,
+    legacy: bool = False,
+    config: dict | None = None,
 ) -> Path:
     """Write a random-weight checkpoint of ``arch`` in ``layout`` to ``out`` and return its path.
 
     Sizes left as None give a tiny model. The checkpoint is written to ``OUT.partial`` and renamed
-    at the end; an existing ``out`` is an error unless ``force``.
+    at the end; an existing ``out`` is an error unless ``force``. ``mode`` and ``recipe`` (one of
+    mlx-lm's mixed-bit recipes, e.g. ``mixed_4_6``) quantize the ``mlx`` layout as
+    ``mlx_lm.convert`` would; ``fp8``, ``mtp``, ``vision`` and ``legacy`` add what some published
+    checkpoints have (``flashmoe.synth_variants``). ``config`` replaces the built-in
+    ``config.json`` (any mlx-lm architecture, ``mlx`` layout).
     """
-    if arch not in ARCHS:
-        raise CheckpointError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+
+    if mode not in MODES:
+        raise FlashMoeError(f"unknown quantization mode {mode!r}; known: {', '.join(MODES)}")
+    if legacy and arch not in _LEGACY_NAMES:
+        raise FlashMoeError(f"legacy per-expert quantized layout: only {', '.join(_LEGACY_NAMES)}")
     if layout not in LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    if layout == "mlx" and bits not in (2, 3, 4, 5, 6, 8):
+    if layout == "mlx" and mode == "affine" and bits not in (2, 3, 4, 5, 6, 8):
         raise FlashMoeError(f"--bits {bits} is not an mlx affine width (2, 3, 4, 5, 6, 8)")
     given = dict(
         layers=layers, hidden=hidden, experts=experts, topk=topk, moe_inter=moe_inter, vocab=vocab
@@ -724,12 +850,28 @@ def synth(
     tmp = out.with_name(out.name + ".partial")
 
     special = {s: d.vocab - len(SPECIAL_TOKENS) + j for j, s in enumerate(SPECIAL_TOKENS)}
-    config = _CONFIGS[arch](d, special)
+    if config:
+        config = copy.deepcopy(config)
+    elif arch in _CONFIGS:
+        config = _CONFIGS[arch](d, special)
+    else:  # any other mlx-lm architecture, from its ModelArgs
+        config = generic_config(arch, d)
+        config.update(bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"])
     if layout == "hf":
         tensors, config, meta = _plan_hf(arch, config)
+        if fp8:
+            tensors = variants.fp8(tensors, config)
     else:
         config["eos_token_id"] = _eos_ids(special)
-        tensors, config, meta = _plan_mlx(config, bits, group_size)
+        if mode != "affine":  # each such mode has one (bits, group size): mlx-lm's defaults
+            bits, group_size = None, None
+        tensors, config, meta = _plan_mlx(config, bits, group_size, mode, recipe)
+        if legacy:
+            tensors = variants.legacy_experts(tensors, _LEGACY_NAMES[arch])
+    if mtp:
+        tensors = variants.mtp(arch, tensors, config)
+    if vision:
+        tensors = variants.vision(tensors, config, layout)
 
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted run of ours
@@ -804,6 +946,12 @@ def cmd_synth(args) -> int:
         shard_size=shard_size,
         progress=True,
         force=args.force,
+        mode=args.mode,
+        recipe=args.recipe,
+        fp8=args.fp8,
+        mtp=args.mtp,
+        vision=args.vision,
+        legacy=args.legacy,
     )
     print(out)
     return 0

@@ -8,7 +8,6 @@ expert ids to cache slots and hands the slot ids to mlx-lm's code as the expert 
 
 from __future__ import annotations
 
-import re
 import time
 
 import mlx.core as mx
@@ -16,15 +15,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import (
     QuantizedSwitchLinear,
-    SwitchGLU,
     SwitchLinear,
-    SwitchMLP,
 )
 
+from flashmoe.banks import find_banks
 from flashmoe.errors import ConfigError
 from flashmoe.orchestrator.cache import ExpertCache
 
-BANK_TYPES = (SwitchGLU, SwitchMLP)
 SORT_MIN = 64  # mlx-lm's banks sort the pairs by expert from this many on
 # Splitting a call's pairs by expert is bit-exact on the CPU backend, whatever the parts' sizes
 # (each pair is its own product; checked by the tests in f32 and bf16, sorted and unsorted); GPU
@@ -37,16 +34,15 @@ EAGER = not PROGRESSIVE
 # host builds the rest of this layer and the next layer's graph while the disk reads, and the
 # next bank waits for the loads (``ExpertCache.settle``) before it evaluates anything. Sound
 # because mlx-lm's forward pass evaluates nothing between two MoE layers (true of every
-# architecture in ``store.ARCHS``; tests/test_engine.py checks each with deferral on), and the
+# architecture ``flashmoe.banks`` accepts; tests/test_engine.py checks them with deferral on), the
 # last MoE layer of the model never defers.
 DEFER = not PROGRESSIVE
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _linear_from_cache(proj: str, cache: ExpertCache, quant: dict | None) -> nn.Module:
     arrays = cache.arrays
     if f"{proj}.scales" in arrays:
-        q = quant or {}
+        q = (quant or {}).get(proj, quant) or {}  # one setting, or each projection's own
         lin = QuantizedSwitchLinear.__new__(QuantizedSwitchLinear)
         nn.Module.__init__(lin)
         lin.group_size = int(q.get("group_size", 64))
@@ -75,11 +71,11 @@ class StreamedBank:
     def __init__(self, bank: nn.Module, layer: int, cache: ExpertCache, quant: dict | None):
         self.layer = layer
         self.cache = cache
-        projections = sorted({t.name.split(".")[0] for t in cache.layout.tensors})
-        for proj in projections:
+        # each projection's record tensors: its own name, or ``proj~N`` (mixed bits per layer)
+        for proj, name in cache.store.projections(layer).items():
             if proj not in bank:
                 raise ValueError(f"layer {layer}: record tensor {proj!r} has no place in the bank")
-            setattr(bank, proj, _linear_from_cache(proj, cache, quant))
+            setattr(bank, proj, _linear_from_cache(name, cache, quant))
         self.inner = bank
         self.num_experts = cache.store.num_experts
         # With prefetch: the next MoE layer and its router, whose best ``guess_top`` experts
@@ -248,18 +244,6 @@ def _best_first(guess: np.ndarray) -> list[int]:
     experts = g.T.reshape(-1)  # rank, token
     _, first = np.unique(experts, return_index=True)
     return experts[np.sort(first)].tolist()
-
-
-def find_banks(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
-    """Every expert bank of ``model`` as (module path, decoder layer index, bank)."""
-    found = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, BANK_TYPES):
-            layers = _LAYER.findall("." + name + ".")
-            if not layers:
-                raise ValueError(f"cannot tell the layer of expert bank {name!r}")
-            found.append((name, int(layers[-1]), mod))
-    return found
 
 
 def _parent(model: nn.Module, path: str):

@@ -135,7 +135,8 @@ def test_bad_source_cli(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert main(["pack", str(tmp_path / "src"), str(tmp_path / "out")]) == 2
-    assert "unsupported model_type" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "config.json" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 

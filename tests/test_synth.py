@@ -233,8 +233,10 @@ def test_big_model_plan_stays_lazy():
 
 
 def test_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="qwen3_moe.*mixtral"):
-        synth(tmp_path / "x", "llama")
+    with pytest.raises(CheckpointError, match="llama: mlx-lm's model has no routed experts"):
+        synth(tmp_path / "x", "llama", layout="mlx")
+    with pytest.raises(FlashMoeError, match="mlx-lm has no model 'no_such_arch'"):
+        synth(tmp_path / "x", "no_such_arch")
     out = synth(tmp_path / "m", "mixtral")
     with pytest.raises(FlashMoeError, match="exists"):
         synth(out, "mixtral")
