@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import math
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe.errors import CheckpointError, FlashMoeError
+from flashmoe.outdir import output_dir
 
 ARCHS = ("qwen3_moe", "qwen3_5_moe", "deepseek_v3", "mixtral")
 LAYOUTS = ("hf", "mlx")
@@ -695,7 +695,7 @@ def synth(
     """Write a random-weight checkpoint of ``arch`` in ``layout`` to ``out`` and return its path.
 
     Sizes left as None give a tiny model. The checkpoint is written to ``OUT.partial`` and renamed
-    at the end; an existing ``out`` is an error unless ``force``.
+    at the end; an existing ``out`` is an error unless ``force`` and flashmoe wrote it.
     """
     if arch not in ARCHS:
         raise CheckpointError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
@@ -719,10 +719,6 @@ def synth(
         raise FlashMoeError("--shard-size must be positive")
 
     out = Path(out)
-    if out.exists() and not force:
-        raise FlashMoeError(f"{out} exists (use --force to overwrite)")
-    tmp = out.with_name(out.name + ".partial")
-
     special = {s: d.vocab - len(SPECIAL_TOKENS) + j for j, s in enumerate(SPECIAL_TOKENS)}
     config = _CONFIGS[arch](d, special)
     if layout == "hf":
@@ -731,17 +727,8 @@ def synth(
         config["eos_token_id"] = _eos_ids(special)
         tensors, config, meta = _plan_mlx(config, bits, group_size)
 
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted run of ours
-    tmp.mkdir(parents=True)
-    try:
+    with output_dir(out, "synth", force=force) as tmp:
         _write_all(tmp, tensors, config, meta, special, d.vocab, layout, seed, shard_size, progress)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
