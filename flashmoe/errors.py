@@ -23,3 +23,7 @@ class LoadError(FlashMoeError):
 
 class ConfigError(FlashMoeError, ValueError):
     """A setting, flag or environment variable has a value that cannot be used."""
+
+
+class OutputError(FlashMoeError):
+    """An output path is not ours to replace, or the disk refused a write (full, read-only)."""

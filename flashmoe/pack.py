@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flashmoe.errors import CheckpointError
+from flashmoe.outdir import output_dir
 from flashmoe.store import (
     FP8_BLOCK,
     PACKED_FORMAT,
@@ -225,30 +226,21 @@ def pack(
     """Write a packed store of ``src`` to ``out``; re-quantize experts when ``bits`` is given."""
     store = open_store(src, convert=True)
     out = Path(out).absolute()
-    if out == store.path:
-        raise CheckpointError("pack cannot write over its own source")
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} exists (use --force to overwrite)")
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    (partial / "experts").mkdir(parents=True)
     try:
-        _pack_into(store, partial, bits, group_size, progress)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        with output_dir(out, "pack", force=force, sources=[store.path], also=_is_packed) as dst:
+            (dst / "experts").mkdir()
+            _pack_into(store, dst, bits, group_size, progress)
     finally:
         store.close()
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(partial, out)
     return out
+
+
+def _is_packed(path: Path) -> bool:
+    """A packed store written before output folders carried a marker."""
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format") == PACKED_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _pack_into(store: Store, dst: Path, bits: int | None, group_size: int, progress: bool) -> None:

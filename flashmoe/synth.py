@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import math
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 from flashmoe import synth_variants as variants
 from flashmoe.errors import CheckpointError, FlashMoeError
+from flashmoe.outdir import output_dir
 from flashmoe.synth_configs import generic_config
 
 ARCHS = ("qwen3_moe", "qwen3_5_moe", "deepseek_v3", "mixtral")
@@ -814,8 +814,8 @@ def synth(
     """Write a random-weight checkpoint of ``arch`` in ``layout`` to ``out`` and return its path.
 
     Sizes left as None give a tiny model. The checkpoint is written to ``OUT.partial`` and renamed
-    at the end; an existing ``out`` is an error unless ``force``. ``mode`` and ``recipe`` (one of
-    mlx-lm's mixed-bit recipes, e.g. ``mixed_4_6``) quantize the ``mlx`` layout as
+    at the end; an existing ``out`` is an error unless ``force`` and flashmoe wrote it. ``mode``
+    and ``recipe`` (one of mlx-lm's mixed-bit recipes, e.g. ``mixed_4_6``) quantize the ``mlx`` layout as
     ``mlx_lm.convert`` would; ``fp8``, ``mtp``, ``vision`` and ``legacy`` add what some published
     checkpoints have (``flashmoe.synth_variants``). ``config`` replaces the built-in
     ``config.json`` (any mlx-lm architecture, ``mlx`` layout).
@@ -845,10 +845,6 @@ def synth(
         raise FlashMoeError("--shard-size must be positive")
 
     out = Path(out)
-    if out.exists() and not force:
-        raise FlashMoeError(f"{out} exists (use --force to overwrite)")
-    tmp = out.with_name(out.name + ".partial")
-
     special = {s: d.vocab - len(SPECIAL_TOKENS) + j for j, s in enumerate(SPECIAL_TOKENS)}
     if config:
         config = copy.deepcopy(config)
@@ -873,17 +869,8 @@ def synth(
     if vision:
         tensors = variants.vision(tensors, config, layout)
 
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted run of ours
-    tmp.mkdir(parents=True)
-    try:
+    with output_dir(out, "synth", force=force) as tmp:
         _write_all(tmp, tensors, config, meta, special, d.vocab, layout, seed, shard_size, progress)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

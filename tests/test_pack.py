@@ -13,6 +13,7 @@ import pytest
 
 from flashmoe.cli import main
 from flashmoe.errors import CheckpointError, ChecksumError
+from flashmoe.outdir import MARKER
 from flashmoe.pack import pack
 from flashmoe.store import RECORD_ALIGN, Store, open_store
 from flashmoe.synth import synth
@@ -180,8 +181,9 @@ def test_interrupted_pack_leaves_nothing_valid(src, tmp_path, monkeypatch):
     (partial / "manifest.json.tmp").unlink()
     partial.rename(tmp_path / "x")
     _refused(tmp_path / "x")
-    # a re-run over the leftovers succeeds
+    # a re-run over the leftovers of a killed pack (its marker comes first) succeeds
     (tmp_path / "y.partial").mkdir()
+    (tmp_path / "y.partial" / MARKER).write_text("{}")
     (tmp_path / "y.partial" / "junk").write_text("x")
     y = pack(src["hf"], tmp_path / "y", progress=False)
     assert open_store(y).kind == "packed" and not (tmp_path / "y.partial").exists()

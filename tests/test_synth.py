@@ -18,6 +18,7 @@ from mlx_lm.generate import generate_step
 import flashmoe.synth as synth_mod
 from flashmoe.cli import main
 from flashmoe.errors import CheckpointError, FlashMoeError
+from flashmoe.outdir import MARKER
 from flashmoe.synth import ARCHS, synth
 
 CASES = [(a, "hf", 4) for a in ARCHS] + [(a, "mlx", 4) for a in ARCHS] + [("qwen3_moe", "mlx", 8)]
@@ -263,6 +264,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     # a stale OUT.partial from a killed run is replaced, never mistaken for the result
     monkeypatch.setattr(synth_mod, "_write_tensor", real)
     (tmp_path / "m.partial").mkdir()
+    (tmp_path / "m.partial" / MARKER).write_text("{}")  # what a killed synth writes first
     assert synth(tmp_path / "m", "qwen3_moe").is_dir()
     assert not (tmp_path / "m.partial").exists()
 
