@@ -815,9 +815,9 @@ def synth(
 
     Sizes left as None give a tiny model. The checkpoint is written to ``OUT.partial`` and renamed
     at the end; an existing ``out`` is an error unless ``force`` and flashmoe wrote it. ``mode``
-    and ``recipe`` (one of mlx-lm's mixed-bit recipes, e.g. ``mixed_4_6``) quantize the ``mlx`` layout as
-    ``mlx_lm.convert`` would; ``fp8``, ``mtp``, ``vision`` and ``legacy`` add what some published
-    checkpoints have (``flashmoe.synth_variants``). ``config`` replaces the built-in
+    and ``recipe`` (one of mlx-lm's mixed-bit recipes, e.g. ``mixed_4_6``) quantize the ``mlx``
+    layout as ``mlx_lm.convert`` would; ``fp8``, ``mtp``, ``vision`` and ``legacy`` add what some
+    published checkpoints have (``flashmoe.synth_variants``). ``config`` replaces the built-in
     ``config.json`` (any mlx-lm architecture, ``mlx`` layout).
     """
 
