@@ -291,7 +291,7 @@ class Engine:
                 detok.add_token(token)
                 yield Chunk(req.id, detok.last_segment, [token])
         finally:
-            self.cache.release_deferred(sync=True)  # the last layers' pins, once they have run
+            self.cache.lane.idle()  # the last layers' pins and guesses, once they have run
         detok.finalize()
         t_end = time.perf_counter()
         stats = self.request_stats(snap, len(prompt), len(ids), t0, t_first or t_end, t_end)
