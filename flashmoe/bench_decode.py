@@ -47,6 +47,7 @@ def busy_ms(path: str) -> int | None:
 
 def streamed_side(a: dict) -> dict:
     """Run the streamed model: one stream, then each concurrent-stream count."""
+    from flashmoe.bench_probe import Probe
     from flashmoe.orchestrator.engine import Engine, GenRequest
 
     t0 = time.perf_counter()
@@ -59,7 +60,8 @@ def streamed_side(a: dict) -> dict:
         prompt = prompt_ids(vocab, a["prompt_tokens"])
         req = GenRequest(id="bench", prompt=prompt, max_tokens=a["tokens"])
         st = eng.cache.stats
-        st.profile = a.get("profile", False)
+        probe = Probe(profile=a.get("profile", False))
+        probe.install(eng.banks)
         layer0 = eng.store.moe_layers[0]
         records = eng.store.extents(layer0, 0)[0].path  # where the expert records live
         replay = _replay(eng, a["guess_trace"]) if a.get("guess_trace") else None
@@ -67,12 +69,11 @@ def streamed_side(a: dict) -> dict:
         for chunk in eng.generate(req):
             if after_first is None:
                 after_first = eng.snapshot()
-                st.trace = [] if a.get("trace_out") or replay else None
+                probe.trace = [] if a.get("trace_out") or replay else None
                 if replay is not None:  # recorded from this same point: the calls line up
-                    replay.trace = st.trace
-                    for bank in eng.banks:
-                        bank.replay = replay
-                parts0 = (st.route_s, st.io_wait_s - st.copy_s, st.copy_s, st.expert_s)
+                    replay.trace = probe.trace
+                    probe.replay = replay
+                parts0 = (probe.route_s, st.io_wait_s - st.copy_s, st.copy_s, probe.expert_s)
                 guesses0 = (st.prefetched, st.prefetch_used)
                 busy0 = busy_ms(records)
                 device = DeviceReads(records)
@@ -83,12 +84,10 @@ def streamed_side(a: dict) -> dict:
         device_bytes = device.since()
         if a.get("trace_out"):
             with open(a["trace_out"], "w") as f:
-                for layer, experts in st.trace:
+                for layer, experts in probe.trace:
                     f.write(json.dumps({"layer": layer, "experts": experts}) + "\n")
-        st.trace = None  # the one stream's record ends here: concurrent streams guess as usual
-        for bank in eng.banks:
-            bank.replay = None
-        parts1 = (st.route_s, st.io_wait_s - st.copy_s, st.copy_s, st.expert_s)
+        probe.trace = probe.replay = None  # the one stream's record ends: streams guess as usual
+        parts1 = (probe.route_s, st.io_wait_s - st.copy_s, st.copy_s, probe.expert_s)
         decoded = max(stats["generation_tokens"] - 1, 1)
         decode_bytes = eng.cache.stats.bytes_read - after_first[2]
         # Guessed records that no layer asked for were read for nothing: the bytes a token
@@ -118,7 +117,7 @@ def streamed_side(a: dict) -> dict:
             pool_bytes=stats["pool_bytes"],
             dense_bytes=stats["dense_bytes"],
             peak_rss_bytes=stats["peak_rss_bytes"],
-            profile=_per_token(parts0, parts1, decode_s, decoded) if st.profile else None,
+            profile=_per_token(parts0, parts1, decode_s, decoded) if probe.profile else None,
         )
         out["aggregate"] = {}
         for n in a["streams"]:
@@ -133,7 +132,7 @@ def streamed_side(a: dict) -> dict:
 def _replay(eng, path: str):
     """The banks' always-right guesses for ``--guess-trace`` (armed after the first token)."""
     from flashmoe.bench_io import read_trace
-    from flashmoe.orchestrator.streamed import RoutingReplay
+    from flashmoe.bench_probe import RoutingReplay
 
     if not any(bank.ahead for bank in eng.banks):
         raise FlashMoeError("--guess-trace replaces the guesses of prefetch, which is off: set "

@@ -312,7 +312,7 @@ class Engine:
                     finish = "stop_string"
                     break
         finally:
-            self.cache.release_deferred(sync=True)  # the last layers' pins, once they have run
+            self.cache.lane.idle()  # the last layers' pins and guesses, once they have run
         detok.finalize()
         tail, hit = stop.feed(detok.last_segment) if finish != "stop_string" else ("", True)
         finish = "stop" if hit else finish

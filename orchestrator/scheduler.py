@@ -28,6 +28,7 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator
 
 from flashmoe.errors import FlashMoeError
+from flashmoe.orchestrator.lane import Lane
 from flashmoe.orchestrator.sampling import StopText, sampler_for, token_logprobs
 from flashmoe.protocol.request import Request
 
@@ -95,6 +96,10 @@ class Scheduler:
                               prefill_batch_size=self.max_batch)
 
     def run(self, requests: queue.Queue, cancelled: set) -> None:
+        with Lane(self.engine.cache) as self.lane:
+            self._run(requests, cancelled)
+
+    def _run(self, requests: queue.Queue, cancelled: set) -> None:
         stopping = False
         while not stopping or self.active:
             stopping = self._admit(requests, cancelled) or stopping
@@ -154,10 +159,9 @@ class Scheduler:
     def _idle(self) -> None:
         """Nothing active: once this lane's queued work has run, its deferred pins go; the
         loader workers are supervised (about twice a second while idle)."""
-        cache = self.engine.cache
-        cache.release_deferred(sync=True)
+        self.lane.idle()
         try:
-            cache.tend()
+            self.engine.cache.tend()
             self._tend_error = None
         except Exception as e:  # a worker that cannot be replaced: the next load reports it
             if repr(e) != self._tend_error:  # once per distinct failure, not twice a second

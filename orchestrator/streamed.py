@@ -8,8 +8,6 @@ expert ids to cache slots and hands the slot ids to mlx-lm's code as the expert 
 
 from __future__ import annotations
 
-import time
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -19,24 +17,23 @@ from mlx_lm.models.switch_layers import (
 )
 
 from flashmoe.banks import find_banks
-from flashmoe.errors import ConfigError
 from flashmoe.orchestrator.cache import ExpertCache
+from flashmoe.orchestrator.lane import Lane
 
 SORT_MIN = 64  # mlx-lm's banks sort the pairs by expert from this many on
-# Splitting a call's pairs by expert is bit-exact on the CPU backend, whatever the parts' sizes
-# (each pair is its own product; checked by the tests in f32 and bf16, sorted and unsorted); GPU
-# kernels may tile by batch shape, so there one call keeps mlx-lm's exact sums.
-PROGRESSIVE = mx.default_device() == mx.cpu
-# On a GPU a bank's experts are sent to the device as soon as their graph is built, so they run
-# while the host builds the next layer's dense graph (the next routing sync waits for both).
-EAGER = not PROGRESSIVE
-# On a GPU a bank with loads in flight returns its (lazy) output without waiting for them: the
-# host builds the rest of this layer and the next layer's graph while the disk reads, and the
-# next bank waits for the loads (``ExpertCache.settle``) before it evaluates anything. Sound
-# because mlx-lm's forward pass evaluates nothing between two MoE layers (true of every
-# architecture ``flashmoe.banks`` accepts; tests/test_engine.py checks them with deferral on), the
-# last MoE layer of the model never defers.
-DEFER = not PROGRESSIVE
+# How a bank computes while its loads are in flight, chosen once per backend (``default_path``):
+# - "progressive" (CPU): the cached experts' pairs at once, then each batch of misses as it
+#   lands. Splitting a call's pairs by expert is bit-exact on the CPU backend, whatever the
+#   parts' sizes (each pair is its own product; checked by the tests in f32 and bf16, sorted and
+#   unsorted).
+# - "deferred" (GPU, where kernels may tile by batch shape, so one call keeps mlx-lm's exact
+#   sums): a bank with loads in flight returns its lazy output at once, so the host builds the
+#   rest of this layer and the next layer's graph while the disk reads, and the next routing
+#   sync waits for the loads first. Sound because mlx-lm's forward pass evaluates nothing
+#   between two MoE layers (true of every architecture ``flashmoe.banks`` accepts;
+#   tests/test_engine.py checks each), and the last MoE layer of the model never defers. A bank whose experts are all
+#   in is sent to the device at once, to run while the host builds the next layer's graph.
+PATHS = ("progressive", "deferred")
 
 
 def _linear_from_cache(proj: str, cache: ExpertCache, quant: dict | None) -> nn.Module:
@@ -61,6 +58,10 @@ def _linear_from_cache(proj: str, cache: ExpertCache, quant: dict | None) -> nn.
     return lin
 
 
+def default_path() -> str:
+    return "progressive" if mx.default_device() == mx.cpu else "deferred"
+
+
 class StreamedBank:
     """Drop-in for an expert bank: same ``(x, indices)`` call, experts fetched on demand.
 
@@ -82,68 +83,47 @@ class StreamedBank:
         # per token this bank guesses.
         self.ahead: tuple[int, nn.Module] | None = None
         self.guess_top = 0
-        self.defer = False  # may return before its loads land (set for all but the last bank)
         self.prefetch_limit = max(1, cache.plan.staging_slots // 2)  # guesses kept per call
-        self.replay: RoutingReplay | None = None  # a benchmark's always-right guesses
+        self.path = default_path()
+        self.defer = False  # "deferred" path, and not the last bank
+        self.place: tuple[object, str] | None = None  # (parent module, attribute) holding it
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        st = self.cache.stats
-        self.cache.settle()  # the previous bank's loads land before its output is evaluated
-        t0 = time.perf_counter()
-        guess = None
-        if self.ahead and indices.size < SORT_MIN:
-            guess = self._guess(x)
-            mx.eval(indices, guess)  # evaluated with the routing: no sync of its own
-        ids = np.array(indices)  # the one host sync per MoE layer: routing decides the loads
-        st.route_s += time.perf_counter() - t0
-        self.cache.release_deferred()  # this lane's earlier layers have run: their slots may go
+        lane = Lane.current(self.cache)
+        guess = self._guess(x) if self.ahead and indices.size < SORT_MIN else None
+        # the one host sync per MoE layer: routing decides the loads (the guesses come along)
+        ids, *guessed = lane.route(indices, *([guess] if guess is not None else []))
         experts = np.unique(ids)
-        if st.trace is not None:
-            st.trace.append((self.layer, experts.tolist()))
         if experts.size and (experts[0] < 0 or experts[-1] >= self.num_experts):
             raise ValueError(f"layer {self.layer}: router chose expert {experts[-1]}, "
                              f"model has {self.num_experts}")
-        cap = self.cache.nslots
-        if experts.size > cap:
-            # More distinct experts than cache slots (long prefill on a small budget): compute
-            # the rows of one group of experts at a time and add the disjoint results.
-            out = None
-            for start in range(0, experts.size, cap):
-                group = experts[start:start + cap]
-                part = self._grouped(x, ids, group)
-                out = part if out is None else out + part
-            return out
-        p = self.cache.begin(self.layer, experts)
-        deferred = False
-        try:
-            remap = np.zeros(self.num_experts, dtype=np.uint32)
-            remap[experts] = p.slots
-            if PROGRESSIVE and p.todo_or_inflight():
-                out = self._progressive(x, ids, remap, p)
-                st.overlapped += 1
-            elif self.defer and not st.profile and p.todo_or_inflight():
-                out = self.inner(x, mx.array(remap[ids]))  # lazy: runs once its loads landed
-                self.cache.defer(p)
-                deferred = True
-                st.overlapped += 1
-            else:
-                self.cache.finish(p)
-                out = self.inner(x, mx.array(remap[ids]))
-                if EAGER:
-                    mx.async_eval(out)
-            if guess is not None:  # read after this layer's own loads
-                nxt = self.ahead[0]
-                keys = (self.replay.keys(nxt) if self.replay is not None
-                        else [(nxt, e) for e in _best_first(np.array(guess))])
-                self.cache.prefetch(keys, limit=self.prefetch_limit)
-            if st.profile:
-                t1 = time.perf_counter()
-                mx.eval(out)
-                st.expert_s += time.perf_counter() - t1
-            return out
-        finally:
-            if not deferred:
-                self.cache.unpin(p.slots)  # ``out`` is still lazy
+        if experts.size > self.cache.nslots:
+            return self._grouped(x, ids, experts)
+        h = self.cache.request(self.layer, experts, lane)
+        remap = np.zeros(self.num_experts, dtype=np.uint32)
+        remap[experts] = h.slots
+        st = self.cache.stats
+        if h.ready:
+            h.wait()
+            out = self.inner(x, mx.array(remap[ids]))
+            if self.path == "deferred":
+                mx.async_eval(out)
+        elif self.path == "progressive":
+            out = self._progressive(x, ids, remap, h)
+            st.overlapped += 1
+        elif self.defer:
+            out = self.inner(x, mx.array(remap[ids]))  # lazy: runs once its loads landed
+            h.defer()
+            st.overlapped += 1
+        else:
+            h.wait()
+            out = self.inner(x, mx.array(remap[ids]))
+            mx.async_eval(out)
+        if guessed:  # read after this layer's own loads
+            nxt = self.ahead[0]
+            keys = [(nxt, e) for e in _best_first(guessed[0])]
+            self.cache.prefetch.guess(lane, keys, limit=self.prefetch_limit)
+        return out
 
     def _guess(self, x: mx.array) -> mx.array:
         """The next MoE layer's experts, guessed by applying its router to this layer's input
@@ -156,7 +136,7 @@ class StreamedBank:
             return mx.take_along_axis(inds, order, axis=-1)
         return mx.argsort(-g.astype(mx.float32), axis=-1)[..., :self.guess_top]
 
-    def _progressive(self, x, ids, remap, p):
+    def _progressive(self, x, ids, remap, h):
         """Compute the (token, expert) pairs as their experts become ready: the cached ones at
         once, then each batch of misses as it lands, while the rest still load. Every expert's
         pairs go into one part, so the parts together are mlx-lm's call, bit for bit (CPU)."""
@@ -176,65 +156,40 @@ class StreamedBank:
                 orders.append(pairs)
             left[pairs] = False
 
-        emit(np.isin(slot_of, p.slots[p.hit]))
+        emit(np.isin(slot_of, h.slots[h.hit]))
         while left.any():
-            landed = self.cache.progress(p)
+            landed = h.landed()
             if not landed:
                 break  # settled: what is left waits on other lanes, or failed
             emit(left & np.isin(slot_of, landed))
-        self.cache.finish(p)
+        h.wait()
         emit(left.copy())
         self.cache.stats.parts += len(parts)
         order = np.concatenate(orders)
         out = parts[0] if len(parts) == 1 else mx.concatenate(parts)
         return out[mx.array(np.argsort(order))].reshape(*ids.shape, x.shape[-1])
 
-    def _grouped(self, x, ids, group):
-        slots = self.cache.acquire(self.layer, group)
-        try:
-            remap = np.zeros(self.num_experts, dtype=np.uint32)
-            remap[group] = slots
-            out = self.inner(x, mx.array(remap[ids]))
-            mask = mx.array(np.isin(ids, group))[..., None]
-            out = mx.where(mask, out, mx.zeros_like(out))
-            mx.eval(out)  # computed before its slots are released: the next group may evict them
-            return out
-        finally:
-            self.cache.release(slots)
-
-
-class RoutingReplay:
-    """Guesses that are always right, for a benchmark: the routing that an earlier run of the
-    same request recorded (``CacheStats.trace``), handed to the banks in place of their
-    routers' guesses. It shows how fast the pipeline streams when it knows what the coming
-    layers need, apart from how well the routers guess it; the tokens are the same either way
-    (guesses never change what is computed).
-
-    ``calls`` are the recorded bank calls, ``(layer, experts)``, in order from where recording
-    began; ``trace`` is this run's own record, begun at the same point, so the call being made
-    is its last entry. A run that departs from the recording raises ``ConfigError``."""
-
-    def __init__(self, calls: list[tuple[int, list[int]]], trace: list):
-        self.calls = calls
-        self.trace = trace
-
-    def keys(self, layer: int) -> list[tuple[int, int]]:
-        """The recorded experts of the next bank call, if it is ``layer``'s in this forward
-        pass (none otherwise)."""
-        i = len(self.trace) - 1
-        if i < 0:
-            raise ConfigError("the routing replay began before this run's record of it")
-        if i >= len(self.calls):
-            raise ConfigError(f"the routing replayed ends after {len(self.calls)} bank calls; "
-                              "this run makes more: record as many tokens as it generates")
-        if tuple(self.trace[-1]) != tuple(self.calls[i]):
-            raise ConfigError(
-                f"the routing replayed departs from this run at bank call {i + 1} (layer "
-                f"{self.trace[-1][0]}): record it from the same model, prompt, dtype and "
-                "settings")
-        if i + 1 >= len(self.calls) or self.calls[i + 1][0] != layer:
-            return []  # the recording ends, or the next forward pass begins
-        return [(layer, e) for e in self.calls[i + 1][1]]
+    def _grouped(self, x, ids, experts):
+        """More distinct experts than cache slots (a long prefill on a small budget): the rows
+        of one group of experts at a time, computed before the next group may evict them, and
+        the disjoint results added."""
+        cap = self.cache.nslots
+        out = None
+        for start in range(0, experts.size, cap):
+            group = experts[start:start + cap]
+            h = self.cache.request(self.layer, group)
+            try:
+                h.wait()
+                remap = np.zeros(self.num_experts, dtype=np.uint32)
+                remap[group] = h.slots
+                part = self.inner(x, mx.array(remap[ids]))
+                mask = mx.array(np.isin(ids, group))[..., None]
+                part = mx.where(mask, part, mx.zeros_like(part))
+                mx.eval(part)
+            finally:
+                h.release()
+            out = part if out is None else out + part
+        return out
 
 
 def _best_first(guess: np.ndarray) -> list[int]:
@@ -276,6 +231,7 @@ def install_streamed_banks(model: nn.Module, cache: ExpertCache, quant: dict | N
     for path, layer, bank in banks:
         parent, attr = _parent(model, path)
         streamed = StreamedBank(bank, layer, cache, quant)
+        streamed.place = (parent, attr)
         # nn.Module keeps modules in its dict; a plain attribute keeps the bank out of
         # parameters() while the parent's __call__ still finds it.
         if attr in parent:
@@ -283,8 +239,7 @@ def install_streamed_banks(model: nn.Module, cache: ExpertCache, quant: dict | N
         object.__setattr__(parent, attr, streamed)
         out.append((streamed, parent))
     out.sort(key=lambda sp: sp[0].layer)
-    for bank, _ in out[:-1]:
-        bank.defer = DEFER
+    use_path([b for b, _ in out], default_path())
     if prefetch:
         for (bank, _), (nxt, parent) in zip(out, out[1:], strict=False):
             router = _router_of(parent)
@@ -293,3 +248,12 @@ def install_streamed_banks(model: nn.Module, cache: ExpertCache, quant: dict | N
                 bank.ahead = (nxt.layer, gate)
                 bank.guess_top = min(k, guess_top) if guess_top > 0 else k
     return [b for b, _ in out]
+
+
+def use_path(banks: list[StreamedBank], path: str) -> None:
+    """Compute ``banks`` (a model's, in layer order) the ``path`` way (see ``PATHS``)."""
+    if path not in PATHS:
+        raise ValueError(f"unknown compute path {path!r}; known: {', '.join(PATHS)}")
+    for i, bank in enumerate(banks):
+        bank.path = path
+        bank.defer = path == "deferred" and i < len(banks) - 1

@@ -71,8 +71,8 @@ def test_bench_decode_json(tmp_path):
 
 
 def test_routing_replay_guesses_the_recorded_layers_and_stops_where_the_run_departs():
+    from flashmoe.bench_probe import RoutingReplay
     from flashmoe.errors import ConfigError
-    from flashmoe.orchestrator.streamed import RoutingReplay
 
     calls = [(0, [1, 2]), (1, [3]), (2, [4, 5]), (0, [6]), (1, [7]), (2, [0])]
     trace: list = []

@@ -64,9 +64,15 @@ def quarter_budget(path) -> int:
 def gpu_path(monkeypatch):
     """What a GPU runs by default (deferred banks, prefetch, one lane), with every bank's
     kernels left lazy until the next host sync: a queued kernel runs as late as it may."""
-    monkeypatch.setattr(streamed, "PROGRESSIVE", False)
-    monkeypatch.setattr(streamed, "EAGER", False)
-    monkeypatch.setattr(streamed, "DEFER", True)
+    real = streamed.install_streamed_banks
+
+    def install(*args, **kw):
+        banks = real(*args, **kw)
+        streamed.use_path(banks, "deferred")
+        return banks
+
+    monkeypatch.setattr(engine, "install_streamed_banks", install)
+    monkeypatch.setattr(streamed.mx, "async_eval", lambda *a: None)  # kernels run late
     monkeypatch.setenv("FLASHMOE_PREFETCH", "on")
     monkeypatch.setenv("FLASHMOE_LANES", "1")
 
@@ -99,9 +105,11 @@ class PoisoningCopier:
             if item is None:
                 return
             slot, stage, delay = item
-            time.sleep(delay)
-            self.cache._fill(slot, stage)
-            self._queue.task_done()
+            try:
+                time.sleep(delay)
+                self.cache.fill(slot, stage)
+            finally:
+                self._queue.task_done()
 
     def sync(self) -> None:
         self._queue.join()
@@ -195,7 +203,7 @@ def test_a_banks_slots_stay_pinned_until_the_next_routing_sync(checkpoints, gpu_
         for bank in (eng.banks[0], eng.banks[-1]):  # deferring, and the last (never defers)
             x = mx.random.normal((1, 1, hidden), key=mx.random.key(bank.layer))
             out = bank(x, mx.array([[[0, 1]]], dtype=mx.uint32))
-            cache.settle()  # what the next bank does first
+            cache.lane.settle()  # what the next bank does first
             used = {table.lookup((bank.layer, e)) for e in (0, 1)}
             grabbed = []
             with pytest.raises(BudgetError):
@@ -207,5 +215,5 @@ def test_a_banks_slots_stay_pinned_until_the_next_routing_sync(checkpoints, gpu_
             for s in grabbed:
                 table.failed(s, table.generation(s), cancelled=True)
                 table.release(s)
-            cache.release_deferred()  # the next routing sync has happened
+            cache.lane.route(mx.array(0))  # the next routing sync
             assert all(table.pins(s) == 0 for s in used)

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -201,133 +200,22 @@ def test_guesses_go_best_first():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_deferred_loads_keep_tokens_exact(models, arch, monkeypatch):
+def test_deferred_loads_keep_tokens_exact(models, arch):
     """The GPU pipeline, run on the CPU: a bank with loads in flight returns its lazy output and
     the next bank waits for those loads before evaluating anything. mlx-lm's forward pass of
     every supported architecture must evaluate nothing in between."""
-    import flashmoe.orchestrator.streamed as streamed
+    from flashmoe.orchestrator.streamed import use_path
 
-    monkeypatch.setattr(streamed, "PROGRESSIVE", False)
-    monkeypatch.setattr(streamed, "DEFER", True)
     path = models[(arch, "mlx")]
     want = reference_ids(path, PROMPT, N_TOKENS)
     with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
+        use_path(eng.banks, "deferred")
         assert [b.defer for b in eng.banks] == [True] * (len(eng.banks) - 1) + [False]
         got = [t for c in eng.generate(GenRequest(id="d", prompt=PROMPT, max_tokens=N_TOKENS))
                for t in c.token_ids]
         assert eng.cache.stats.overlapped > 0  # some banks did return early
         assert eng.cache.table.stats()["pinned"] == 0
     assert got == want
-
-
-@pytest.mark.parametrize("depth", [1, 2])
-def test_prefetch_guesses_fill_idle_disk_time(models, depth, monkeypatch):
-    """Guesses go to a loader only once every demanded load has been sent, best first,
-    ``depth`` at a time; unsent ones are dropped by the next layer at no cost (no slot); a sent
-    one that is asked for is counted and holds the right expert; the rest are evicted first."""
-    monkeypatch.setenv("FLASHMOE_PREFETCH_DEPTH", str(depth))
-    path = models[("qwen3_moe", "mlx")]
-    with Engine(str(path), memory_budget=3 * quarter_budget(path), dtype="float32") as eng:
-        cache, t, st = eng.cache, eng.cache.table, eng.cache.stats
-        l0, l1 = eng.store.moe_layers[:2]
-        cache.release(cache.acquire(l0, [0, 1, 2]))
-        assert cache.prefetch([(l0, 1), (l0, 2)]) == 0  # cached: nothing to guess
-        # More misses than staging slots: some demanded loads wait to be sent, so do guesses.
-        misses = [e for e in range(eng.store.num_experts) if t.lookup((l0, e)) is None]
-        assert len(misses) > cache.plan.staging_slots
-        p0 = cache.begin(l0, misses)
-        assert cache.prefetch([(l1, e) for e in (7, 5, 6)]) == 3
-        assert st.prefetched == 0 and t.lookup((l1, 7)) is None
-        cache.finish(p0)  # all sent and landed: the guesses go out, best first
-        cache.release(p0.slots)
-        sent = [t.lookup((l1, e)) is not None for e in (7, 5, 6)]
-        assert st.prefetched >= depth and sent == [True] * st.prefetched + [False] * (
-            3 - st.prefetched)
-        p = cache.begin(l1, [7, 3])  # asks for the best guess
-        cache.finish(p)
-        assert st.prefetch_used == 1
-        name = cache.layout.tensors[0].name
-        got = np.array(cache.arrays[name][p.slots[0]])
-        assert np.array_equal(got, eng.store.record_arrays(l1, 7)[name])
-        cache.release(p.slots)
-        # Nothing in flight: ``depth`` guesses go at once, the rest wait for them to land.
-        deadline = time.monotonic() + 10
-        while t.stats()["loading"]:  # the guesses nobody asked for land on their own
-            assert time.monotonic() < deadline
-            cache.tend()
-        l2 = eng.store.moe_layers[2]
-        a, b, c, d = [e for e in range(eng.store.num_experts) if t.lookup((l2, e)) is None][:4]
-        before = st.prefetched
-        assert cache.prefetch([(l2, e) for e in (a, b, c, d)]) == 4
-        assert st.prefetched == before + depth
-        guess = t.lookup((l2, a))
-        cache.release(cache.acquire(l2, [d]))  # not a guess it asked for
-        assert t.lookup((l2, c)) is None  # never sent: dropped without a slot
-        assert st.prefetched == before + depth
-        deadline = time.monotonic() + 10
-        while t.state(guess) != "ready":  # unpinned, it lands on its own
-            assert time.monotonic() < deadline
-            cache.tend()
-        assert t.pins(guess) == 0
-        unasked = {t.lookup(k) for k in [(l2, b), (l1, 5), (l1, 6)]} | {guess}
-        filler = [t.acquire(("filler", i))[0] for i in range(t.stats()["free"])]
-        fresh = t.acquire(("new", 0))[0]  # the first eviction takes a guess
-        assert fresh in unasked - {None}
-        assert t.lookup((l0, 0)) is not None  # older, but asked for: still cached
-        for s in filler + [fresh]:
-            t.failed(s, t.generation(s), cancelled=True)
-            t.release(s)
-
-
-def test_guesses_stay_pinned_until_their_layer(models, monkeypatch):
-    """A guess for a layer two ahead survives the layer in between (pinned, never evicted) and
-    is unpinned, as the first to evict, when its own layer begins without asking for it; a new
-    forward pass unpins whatever is left of the last one."""
-    monkeypatch.setenv("FLASHMOE_PREFETCH_DEPTH", "4")
-    path = models[("qwen3_moe", "mlx")]
-    with Engine(str(path), memory_budget=3 * quarter_budget(path), dtype="float32") as eng:
-        cache, t, st = eng.cache, eng.cache.table, eng.cache.stats
-        l0, l1, l2, l3 = eng.store.moe_layers[:4]
-
-        def settle():
-            deadline = time.monotonic() + 10
-            while t.stats()["loading"]:
-                assert time.monotonic() < deadline
-                cache.tend()
-
-        cache.release(cache.acquire(l0, [0]))
-        assert cache.prefetch([(l1, 1), (l2, 2), (l2, 3), (l3, 4)]) == 4
-        settle()
-        assert st.prefetched == 4
-        g1, g2, g3, g4 = (t.lookup(k) for k in [(l1, 1), (l2, 2), (l2, 3), (l3, 4)])
-        cache.release(cache.acquire(l1, [5]))  # l1's guess unused: unpinned; the rest stay
-        assert [t.pins(g) for g in (g1, g2, g3, g4)] == [0, 1, 1, 1]
-        cache.release(cache.acquire(l2, [2]))  # asks for one of its two guesses
-        assert st.prefetch_used == 1
-        assert [t.pins(g) for g in (g2, g3, g4)] == [0, 0, 1]
-        cache.release(cache.acquire(l0, [0]))  # a new pass: l3's guess is stale
-        assert t.pins(g4) == 0 and t.stats()["pinned"] == 0
-        filler = [t.acquire(("filler", i))[0] for i in range(t.stats()["free"])]
-        first = [t.acquire(("new", i))[0] for i in range(3)]  # the unused guesses go first
-        assert set(first) == {g1, g3, g4}
-        for s in filler + first:
-            t.failed(s, t.generation(s), cancelled=True)
-            t.release(s)
-
-
-def test_exhausted_pool_leaves_no_stuck_slot(models):
-    path = models[("qwen3_moe", "mlx")]
-    with Engine(str(path), memory_budget=quarter_budget(path), dtype="float32") as eng:
-        cache, held = eng.cache, []
-        with pytest.raises(BudgetError, match="in use"):
-            for layer in eng.store.moe_layers:  # pin whole layers until nothing is left
-                held.append(cache.acquire(layer, range(eng.store.num_experts)))
-        stats = cache.table.stats()
-        assert stats["loading"] == 0
-        for slots in held:
-            cache.release(slots)
-        assert cache.table.stats()["pinned"] == 0
-        cache.release(cache.acquire(eng.store.moe_layers[-1], range(eng.store.num_experts)))
 
 
 def test_bad_requests_do_not_end_the_engine_thread(models):

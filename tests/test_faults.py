@@ -239,16 +239,14 @@ def test_truncated_file_after_start(
 def test_load_error_names_layer_expert_and_file(
     fault: str, tiny_model: Path, packed_model: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    from flashmoe.orchestrator import streamed
     from flashmoe.orchestrator.engine import Engine
-
-    if "deferred" in fault:  # the GPU pipeline: the bad load is found by the next bank
-        monkeypatch.setattr(streamed, "PROGRESSIVE", False)
-        monkeypatch.setattr(streamed, "DEFER", True)
+    from flashmoe.orchestrator.streamed import use_path
 
     model = _copy(tiny_model if "mlx" in fault else packed_model, tmp_path)
     layer, expert = only_in_first(model)
     with Engine(str(model), memory_budget=SMALL_BUDGET, workers=1) as e:
+        if "deferred" in fault:  # the GPU pipeline: the bad load is found by the next bank
+            use_path(e.banks, "deferred")
         exts = e.store.extents(layer, expert)
         path = Path(exts[0].path)
         start = min(x.offset for x in exts)
@@ -287,14 +285,16 @@ def test_corrupt_guess_fails_the_layer_that_asks_for_it(packed_model: Path, tmp_
             byte = f.read(1)
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([byte[0] ^ 0xFF]))
-        assert cache.prefetch([(layer, expert)]) == 1 and cache.stats.prefetched == 1
+        lane = cache.lane
+        assert cache.prefetch.guess(lane, [(layer, expert)]) == 1
+        assert cache.stats.prefetched == 1
         for _ in range(2):
-            p = cache.begin(layer, [expert])
+            h = cache.request(layer, [expert])
             try:
                 with pytest.raises(LoadError, match=f"layer {layer} expert {expert}: checksum"):
-                    cache.finish(p)
+                    h.wait()
             finally:
-                cache.release(p.slots)
+                h.release()
         assert cache.stats.prefetch_used == 1 and cache.table.lookup((layer, expert)) is None
 
 

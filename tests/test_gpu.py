@@ -150,10 +150,10 @@ def test_streamed_banks_equal_mlx_lm_banks(model, path):
                 want = want_bank(x, ids)
                 for _again in range(2):  # the second call finds (some of) them cached
                     got = bank(x, ids)
-                    eng.cache.settle()  # a bank may return before its loads landed (GPU)
+                    eng.cache.lane.settle()  # a bank may return before its loads landed
                     mx.eval(got, want)
                     assert mx.array_equal(got, want).item(), (bank.layer, tokens)
-                    eng.cache.release_deferred(sync=True)
+                    eng.cache.lane.idle()
         st = eng.cache.stats
         assert st.misses > eng.cache.nslots and st.hits > 0  # slots were reused
 

@@ -79,13 +79,12 @@ def run_concurrently(eng: Engine, prompts: list[str]) -> dict[str, list[int]]:
 def test_two_lanes_with_evictions_give_mlx_lm_tokens(model, reference, mode, monkeypatch):
     prefetch = mode == "prefetch"
     monkeypatch.setenv("FLASHMOE_PREFETCH", "1" if prefetch else "0")
-    if mode == "deferred":  # the GPU pipeline, on the CPU
-        from flashmoe.orchestrator import streamed
-
-        monkeypatch.setattr(streamed, "PROGRESSIVE", False)
-        monkeypatch.setattr(streamed, "DEFER", True)
     with Engine(str(model), memory_budget=budget_for(model, 80), dtype="float32",
                 lanes=2, max_batch=4) as eng:
+        if mode == "deferred":  # the GPU pipeline, on the CPU
+            from flashmoe.orchestrator.streamed import use_path
+
+            use_path(eng.banks, "deferred")
         assert eng.lanes == 2 and eng.cache.shared
         assert 64 <= eng.plan.cache_slots < 128
         got = run_concurrently(eng, PROMPTS)
@@ -116,22 +115,22 @@ def test_a_lane_waits_for_the_load_another_lane_started(model):
     with Engine(str(model), memory_budget=budget_for(model, 80), dtype="float32",
                 lanes=2) as eng:
         cache = eng.cache
-        first = cache.begin(0, [3, 5])  # LOADING, nobody has waited for it yet
-        assert first.todo_or_inflight()
+        first = cache.request(0, [3, 5])  # LOADING, nobody has waited for it yet
+        assert not first.ready
         second = {}
 
         def other_lane():
-            p = cache.begin(0, [5, 7])
-            second["waits"] = [e for _s, _l, e in p.waits]
-            cache.finish(p)  # completes expert 5 through whichever lane polls
-            second["slots"] = p.slots
+            h = cache.request(0, [5, 7])
+            second["waits"] = [a.key[1] for a in h.waits]
+            h.wait()  # completes expert 5 through whichever lane polls
+            second["slots"] = h.slots
 
         t = threading.Thread(target=other_lane)
         t.start()
         t.join(30)
         assert not t.is_alive()
         assert second["waits"] == [5]
-        cache.finish(first)
+        first.wait()
         assert second["slots"][0] == first.slots[1]  # one slot, loaded once
         assert cache.table.state(int(first.slots[1])) == "ready"
         cache.release(first.slots)
