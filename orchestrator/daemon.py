@@ -1,7 +1,8 @@
 """``flashmoe-daemon``: one model served to local clients over ZeroMQ (and optionally HTTP).
 
     flashmoe-daemon start --model M [--memory-budget SIZE] [--workers N] [--socket PATH]
-                          [--http HOST:PORT] [--api-key KEY] [--foreground]
+                          [--http HOST:PORT] [--api-key KEY] [--allow-origin ORIGIN]
+                          [--allow-public] [--foreground]
     flashmoe-daemon status [--json] | stop | logs [-n N]
 
 Three kinds of thread share the service (vLLM style):

@@ -35,8 +35,9 @@ def main() -> None:
     with httpx.Client(base_url=a.url, timeout=600, headers=headers) as c:
         for turn in range(a.turns):
             history.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
+            # logprobs: every token makes a chunk, also one whose text is still held back
             body = {"model": a.model, "messages": history, "max_tokens": a.tokens,
-                    "stream": True, "stream_options": {"include_usage": True}}
+                    "stream": True, "stream_options": {"include_usage": True}, "logprobs": True}
             t0 = time.perf_counter()
             ttft, text, usage = None, [], {}
             with c.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -47,9 +48,9 @@ def main() -> None:
                     piece = json.loads(line[6:])
                     usage = piece.get("usage") or usage
                     for ch in piece.get("choices", ()):
-                        if ch["delta"].get("content"):
+                        if ch.get("logprobs") or ch["delta"].get("content"):
                             ttft = ttft or time.perf_counter() - t0
-                            text.append(ch["delta"]["content"])
+                        text.append(ch["delta"].get("content") or "")
             cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
             rows.append({"turn": turn + 1, "ttft_ms": round((ttft or 0) * 1000, 1),
                          "prompt_tokens": usage.get("prompt_tokens"),

@@ -206,3 +206,43 @@ def test_bind_policy() -> None:
     with pytest.raises(FlashMoeError, match="empty"):
         check_bind("127.0.0.1", "  ", True)
     assert "warning" in check_bind("192.168.1.5", None, True)
+
+
+_ODD = [None, True, -1, 0, 2**70, 1.5, 1e300, "x", "", [], [1, "a"], {}, {"a": [1]},
+        [{"role": "user"}], [{"role": "user", "content": {"x": 1}}], [[[]]]]
+_ROUTES = {
+    "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                             "max_tokens": 2},
+    "/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 2},
+    "/api/chat": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                  "stream": False, "options": {"num_predict": 2}},
+    "/api/generate": {"model": MODEL, "prompt": "hi", "stream": False,
+                      "options": {"num_predict": 2}},
+    "/api/show": {"model": MODEL},
+    "/v1/messages": {"model": MODEL, "max_tokens": 2,
+                     "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/messages/count_tokens": {"model": MODEL,
+                                  "messages": [{"role": "user", "content": "hi"}]},
+}
+_FIELDS = ["model", "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed",
+           "stop", "stream", "logprobs", "top_logprobs", "tools", "tool_choice", "system",
+           "stop_sequences", "options", "raw", "n", "stream_options"]
+
+
+@pytest.mark.parametrize("path", sorted(_ROUTES))
+def test_odd_values_never_get_a_5xx(path: str) -> None:
+    import random
+
+    rng = random.Random(path)
+    c = client()
+    for _ in range(80):
+        body = dict(_ROUTES[path])
+        for name in rng.sample(_FIELDS, rng.randint(1, 3)):
+            body[name] = rng.choice(_ODD)
+        if rng.random() < 0.3 and isinstance(body.get("options"), dict):
+            body["options"] = {rng.choice(["num_predict", "temperature", "stop", "seed",
+                                           "top_k"]): rng.choice(_ODD)}
+        r = c.post(path, json=body)
+        assert r.status_code < 500, (path, body, r.status_code, r.text)
+        if r.status_code >= 400:
+            assert r.json(), r.text
