@@ -711,7 +711,12 @@ def _human(n: int) -> str:
 
 def cmd_inspect(args: Any) -> int:
     """``flashmoe inspect MODEL [--json]``."""
-    d = open_store(args.model).describe()
+    store = open_store(args.model)
+    d = store.describe()
+    if getattr(args, "memory_budget", None):
+        from flashmoe.orchestrator.pool_plan import inspect_budget
+
+        d["pool"], pool_rows = inspect_budget(store, args.memory_budget)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -731,6 +736,6 @@ def cmd_inspect(args: Any) -> int:
         ("expert quantization", qs),
         ("record", ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in d["record_tensors"])),
     ]
-    for k, v in rows:
+    for k, v in rows + (pool_rows if "pool" in d else []):
         print(f"{k + ':':<21}{v}")
     return 0
