@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="describe a checkpoint or store")
     p.add_argument("model")
+    p.add_argument("--memory-budget", help="also show what this expert pool size buys")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("run", help="generate in the foreground with streamed experts")

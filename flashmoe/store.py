@@ -680,7 +680,12 @@ def _quant_text(q: dict | None) -> str:
 
 def cmd_inspect(args: Any) -> int:
     """``flashmoe inspect MODEL [--json]``."""
-    d = open_store(args.model, convert=True).describe()
+    store = open_store(args.model, convert=True)
+    d = store.describe()
+    if getattr(args, "memory_budget", None):
+        from flashmoe.orchestrator.pool_plan import inspect_budget
+
+        d["pool"], pool_rows = inspect_budget(store, args.memory_budget)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -702,6 +707,6 @@ def cmd_inspect(args: Any) -> int:
         ("expert quantization", qs),
         ("record", ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in d["record_tensors"])),
     ]
-    for k, v in rows:
+    for k, v in rows + (pool_rows if "pool" in d else []):
         print(f"{k + ':':<21}{v}")
     return 0

@@ -26,17 +26,19 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
+from flashmoe.banks import find_banks
 from flashmoe.configs import OFF_WORDS, ON_WORDS, ConfigError, Settings, load_settings, parse_size
 from flashmoe.errors import CheckpointError, FlashMoeError
-from flashmoe.orchestrator.cache import ExpertCache, plan_pool
-from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, make_copier, on_cuda
+from flashmoe.orchestrator.cache import ExpertCache
+from flashmoe.orchestrator.cuda_copy import make_copier
 from flashmoe.orchestrator.loaders import LoaderPool
+from flashmoe.orchestrator.pool_plan import plan_for
 from flashmoe.orchestrator.prefix_cache import PrefixCache
 from flashmoe.orchestrator.sampling import StopText, sampler_for
 from flashmoe.orchestrator.scheduler import Chunk, GenRequest, Lanes, Scheduler, check_finite
-from flashmoe.orchestrator.streamed import find_banks, install_streamed_banks
+from flashmoe.orchestrator.streamed import install_streamed_banks
 from flashmoe.protocol.request import RequestError, prompt_bytes
-from flashmoe.shm.pool import ExpertPool, cleanup_stale, staging_slots
+from flashmoe.shm.pool import ExpertPool, cleanup_stale
 from flashmoe.store import open_store
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -165,12 +167,7 @@ class Engine:
         top_k = experts_per_token or self.store.top_k
         budget = (default_budget(s, self.store.dense_bytes()) if s.memory_budget == "auto"
                   else parse_size(s.memory_budget))
-        self.plan = plan_pool(budget, self.store.layout, self.compute_dtype, top_k,
-                              self.store.num_experts,
-                              parallel_reads=staging_slots(s.workers, s.io_threads, s.prefetch_depth
-                                                           if resolve_prefetch(s.prefetch) else 0),
-                              max_slot_array_bytes=MAX_ARRAY_BYTES if on_cuda() else None,
-                              total_experts=len(self.store.moe_layers) * self.store.num_experts)
+        self.plan = plan_for(self.store, s, budget, self.compute_dtype, top_k)
         self.budget = budget
         self._closed = False
         self._thread: threading.Thread | None = None

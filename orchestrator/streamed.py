@@ -31,8 +31,9 @@ SORT_MIN = 64  # mlx-lm's banks sort the pairs by expert from this many on
 #   rest of this layer and the next layer's graph while the disk reads, and the next routing
 #   sync waits for the loads first. Sound because mlx-lm's forward pass evaluates nothing
 #   between two MoE layers (true of every architecture ``flashmoe.banks`` accepts;
-#   tests/test_engine.py checks each), and the last MoE layer of the model never defers. A bank whose experts are all
-#   in is sent to the device at once, to run while the host builds the next layer's graph.
+#   tests/test_engine.py checks each), and the last MoE layer of the model never defers. A bank
+#   whose experts are all in is sent to the device at once, to run while the host builds the
+#   next layer's graph.
 PATHS = ("progressive", "deferred")
 
 
