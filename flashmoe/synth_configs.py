@@ -45,6 +45,7 @@ def _sizes(d) -> dict:
 def _fills() -> dict:
     # settings, not sizes: used only where ModelArgs has no default of its own
     return {
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
         "max_position_embeddings": 4096, "model_max_length": 4096, "sliding_window": 64,
         "sliding_window_size": 64, "rms_norm_eps": 1e-6, "norm_eps": 1e-6,
         "layernorm_epsilon": 1e-6, "layer_norm_epsilon": 1e-6, "rope_theta": 10000.0,
@@ -56,7 +57,7 @@ def _fills() -> dict:
         "residual_multiplier": 1.0, "zero_expert_num": 0, "zero_expert_type": "identity",
         "layer_group_size": 1, "group_norm_size": 1, "cla_share_factor": 1,
         "attn_layer_offset": 0, "attn_layer_period": 1, "expert_layer_offset": 0,
-        "expert_layer_period": 1, "mla_scale_q_lora": False, "mla_scale_kv_lora": False,
+        "expert_layer_period": 1, "mla_scale_q_lora": True, "mla_scale_kv_lora": True,
     }
 
 
@@ -72,6 +73,7 @@ def _special(arch: str, d) -> dict:
                    "rope_parameters": {"full_attention": full}},
         "longcat_flash": {"attention_method": "MLA"},
         # mlx-lm's llama4 routes one expert per token; its fourth layer is the first global one
+        "muse_spark": {"num_shared_experts": 0, "moe_hidden_size": d.moe_inter},
         "llama4": {"num_experts_per_tok": 1, "num_hidden_layers": max(4, d.layers)},
         "deepseek_v2": {"rope_scaling": {
             "factor": 1.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
@@ -132,8 +134,18 @@ def _by_type(arch: str, name: str, hint, d):
         return ["full_attention"] * d.layers
     if name == "is_moe_layer":
         return [True] * d.layers
-    if hint is dict and name == "text_config":  # a wrapper around a text model of its own
-        raise FlashMoeError(f"{arch}: its text_config names another model; synthesize that one")
+    if hint is dict and name == "text_config":  # the wrapper's own text model settings
+        module = importlib.import_module(f"mlx_lm.models.{arch}")
+        for cls in ("TextModelArgs", "TextArgs", "TextConfig"):
+            if dataclasses.is_dataclass(getattr(module, cls, None)):
+                special = _special(arch, d)
+                cfg = _fill_dataclass(arch, getattr(module, cls), d, _sizes(d),
+                                      {**_fills(), **special})
+                return {**cfg, **special, "model_type": arch}
+        raise FlashMoeError(f"{arch}: no settings class for its text_config")
+    if typing.get_origin(hint) is list and typing.get_args(hint)[0] in (int, float, bool):
+        item = typing.get_args(hint)[0]  # one value per layer
+        return [item(10000.0 if "theta" in name else 1)] * d.layers
     if hint is bool:
         return False
     if hint is int:
