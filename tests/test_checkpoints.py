@@ -277,3 +277,21 @@ def synth_model(config: dict):
 
     model_class, args_class = _get_classes(config=config)
     return model_class(args_class.from_dict(config))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen2_moe", "olmoe", "glm4_moe", "minimax"])
+def test_hugging_face_families(root, arch):
+    # published per-expert names, as each family's sanitize in mlx-lm stacks them; config
+    # filled from mlx-lm's ModelArgs (qwen3_next needs a full-attention layer: 4 layers)
+    sizes = {"layers": 4} if arch == "qwen3_next" else {}
+    path = make(root, f"{arch}-hf", arch, layout="hf", sizes=sizes)
+    assert open_store(path).kind == "hf"
+    assert_identical(path)
+
+
+def test_gpt_oss_mlx_streams_and_its_original_is_refused(root):
+    assert_identical(make(root, "gpt-oss-mlx", "gpt_oss", layout="mlx", mode="mxfp4"))
+    original = make(root, "gpt-oss-hf", "gpt_oss", layout="hf")
+    assert len(reference_ids(original)) > 0  # mlx-lm reads it
+    with pytest.raises(CheckpointError, match="interleaves gate and up rows"):
+        open_store(original)
