@@ -295,3 +295,9 @@ def test_gpt_oss_mlx_streams_and_its_original_is_refused(root):
     assert len(reference_ids(original)) > 0  # mlx-lm reads it
     with pytest.raises(CheckpointError, match="interleaves gate and up rows"):
         open_store(original)
+
+
+def test_minimax_fp8_original_packs_exactly(root):
+    src = make(root, "minimax-fp8", "minimax", layout="hf", fp8=True)
+    packed = pack(src, root / "minimax-fp8-p", progress=False)
+    assert_identical(packed, reference=src)
