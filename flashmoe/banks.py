@@ -103,7 +103,8 @@ def model_tree(config: dict, where: str = "config.json") -> ModelTree:
     except ValueError as e:
         raise CheckpointError(f"{where}: mlx-lm cannot build this model ({e})") from None
     try:
-        model = model_class(args_class.from_dict(config))
+        args = args_class.from_dict(config)
+        model = model_class(args)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{where}: mlx-lm cannot build this model ({e!r})") from None
     banks: dict[int, Bank] = {}
@@ -133,8 +134,8 @@ def model_tree(config: dict, where: str = "config.json") -> ModelTree:
             f"{where}: model_type {config.get('model_type')!r} has no routed experts in mlx-lm "
             "(no SwitchGLU / SwitchMLP bank): not a mixture-of-experts model"
         )
-    if top_k is None:
-        top_k = _config_top_k(config)
+    if top_k is None:  # the config's own setting, or the default mlx-lm's ModelArgs has
+        top_k = _config_top_k(config) or _config_top_k(vars(args))
     if top_k is None:
         raise CheckpointError(f"{where}: cannot tell how many experts each token uses")
     if why := evaluates_midway(model):
@@ -151,7 +152,8 @@ def model_tree(config: dict, where: str = "config.json") -> ModelTree:
 
 
 def _config_top_k(config: dict) -> int | None:
-    for cfg in (config.get("text_config") or {}, config):
+    text = config.get("text_config") or {}
+    for cfg in (text if isinstance(text, dict) else vars(text), config):
         for key in _TOP_K_KEYS:
             if isinstance(cfg.get(key), int) and cfg[key] > 0:
                 return cfg[key]

@@ -21,7 +21,8 @@ COMMANDS = {
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint or packed store directory")
+    p.add_argument("--model", required=True,
+                   help="checkpoint or packed store directory, or a Hugging Face repo id")
     p.add_argument("--memory-budget",
                    help="expert pool size: bytes, 512MiB, 2GiB, 4G (default: auto)")
     p.add_argument("--workers", type=int, help="loader worker processes")

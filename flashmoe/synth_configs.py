@@ -28,7 +28,8 @@ def _sizes(d) -> dict:
         "v_head_dim": 32, "swa_v_head_dim": 32, "vocab_size": d.vocab,
         "num_experts": d.experts, "n_routed_experts": d.experts, "num_local_experts": d.experts,
         "moe_num_experts": d.experts, "num_experts_per_tok": d.topk, "moe_topk": d.topk,
-        "moe_k": d.topk, "top_k": d.topk, "moe_top_k": d.topk, "n_shared_experts": 1,
+        "moe_k": d.topk, "top_k": d.topk, "moe_top_k": d.topk, "num_experts_per_token": d.topk,
+        "n_shared_experts": 1,
         "num_shared_experts": 1,
         "num_shared_expert": 1, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0,
         "num_dense_layers": 0, "moe_layer_freq": 1, "decoder_sparse_step": 1,
@@ -44,6 +45,7 @@ def _sizes(d) -> dict:
 def _fills() -> dict:
     # settings, not sizes: used only where ModelArgs has no default of its own
     return {
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
         "max_position_embeddings": 4096, "model_max_length": 4096, "sliding_window": 64,
         "sliding_window_size": 64, "rms_norm_eps": 1e-6, "norm_eps": 1e-6,
         "layernorm_epsilon": 1e-6, "layer_norm_epsilon": 1e-6, "rope_theta": 10000.0,
@@ -55,7 +57,7 @@ def _fills() -> dict:
         "residual_multiplier": 1.0, "zero_expert_num": 0, "zero_expert_type": "identity",
         "layer_group_size": 1, "group_norm_size": 1, "cla_share_factor": 1,
         "attn_layer_offset": 0, "attn_layer_period": 1, "expert_layer_offset": 0,
-        "expert_layer_period": 1, "mla_scale_q_lora": False, "mla_scale_kv_lora": False,
+        "expert_layer_period": 1, "mla_scale_q_lora": True, "mla_scale_kv_lora": True,
     }
 
 
@@ -63,23 +65,34 @@ def _special(arch: str, d) -> dict:
     """Settings some architectures need that no name or type rule gives."""
     half = max(1, d.layers // 2)
     full = {"rope_theta": 10000.0, "rope_type": "default"}
+    kda = {"kda_layers": [1], "num_heads": 2, "head_dim": 32, "short_conv_kernel_size": 4}
     return {
         "granitemoehybrid": {"layer_types": ["attention"] * d.layers},
-        "nemotron_h": {"hybrid_override_pattern": ["*", "E"] * half, "num_hidden_layers":
-                       2 * half},
-        "mimo_v2_flash": {"hybrid_layer_pattern": [0, 1] * half, "num_hidden_layers": 2 * half},
         "glm_moe_dsa": {"rope_parameters": full},
         "mellum": {"layer_types": ["full_attention"] * d.layers,
                    "rope_parameters": {"full_attention": full}},
-        "lfm2_moe": {"layer_types": ["full_attention"] * d.layers},
         "longcat_flash": {"attention_method": "MLA"},
-        "llama4": {"num_experts_per_tok": 1},  # mlx-lm's llama4 routes one expert per token
+        # mlx-lm's llama4 routes one expert per token; its fourth layer is the first global one
+        "muse_spark": {"num_shared_experts": 0, "moe_hidden_size": d.moe_inter},
+        "llama4": {"num_experts_per_tok": 1, "num_hidden_layers": max(4, d.layers)},
         "deepseek_v2": {"rope_scaling": {
             "factor": 1.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "type": "yarn"}},
         "hunyuan": {"rope_scaling": {"alpha": 1.0, "factor": 1.0, "type": "dynamic"}},
-        "kimi_linear": {"linear_attn_config": {"kda_layers": [1], "num_heads": 2,
-                                               "head_dim": 32, "short_conv_kernel_size": 4}},
+        "kimi_linear": {"linear_attn_config": kda},
+        "kimi_k3": {"linear_attn_config": kda},
+        "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},  # a mamba and an attention
+        "mimo_v2_flash": {"hybrid_layer_pattern": [0, 1] * half, "num_hidden_layers": 2 * half,
+                          "moe_layer_freq": [1] * (2 * half)},
+        "minimax_m3_vl": {"moe_layer_freq": [1] * d.layers},
+        "lfm2_moe": {"layer_types": ["conv", "full_attention"] * half,
+                     "num_hidden_layers": 2 * half},
+        "nemotron_h": {"hybrid_override_pattern": ["M", "*", "E"], "num_hidden_layers": 3,
+                       "routed_scaling_factor": 1.0},
+        "gemma4_text": {"layer_types": ["sliding_attention", "full_attention"] * half,
+                        "num_hidden_layers": 2 * half},
+        "mistral4": {"rope_parameters": {**full, "llama_4_scaling_beta": 0.1,
+                                         "original_max_position_embeddings": 4096}},
     }.get(arch, {})
 
 
@@ -121,8 +134,18 @@ def _by_type(arch: str, name: str, hint, d):
         return ["full_attention"] * d.layers
     if name == "is_moe_layer":
         return [True] * d.layers
-    if hint is dict and name == "text_config":  # a wrapper around a text model of its own
-        raise FlashMoeError(f"{arch}: its text_config names another model; synthesize that one")
+    if hint is dict and name == "text_config":  # the wrapper's own text model settings
+        module = importlib.import_module(f"mlx_lm.models.{arch}")
+        for cls in ("TextModelArgs", "TextArgs", "TextConfig"):
+            if dataclasses.is_dataclass(getattr(module, cls, None)):
+                special = _special(arch, d)
+                cfg = _fill_dataclass(arch, getattr(module, cls), d, _sizes(d),
+                                      {**_fills(), **special})
+                return {**cfg, **special, "model_type": arch}
+        raise FlashMoeError(f"{arch}: no settings class for its text_config")
+    if typing.get_origin(hint) is list and typing.get_args(hint)[0] in (int, float, bool):
+        item = typing.get_args(hint)[0]  # one value per layer
+        return [item(10000.0 if "theta" in name else 1)] * d.layers
     if hint is bool:
         return False
     if hint is int:

@@ -92,17 +92,29 @@ def test_inspect_lists_ignored_parts(root, capsys):
     assert "mtp (" in line and "model.visual (" in line and "KiB" in line
 
 
-def test_deepseek_mtp_layer_and_first_dense_layers(root):
+def deepseek_published_shape(root: Path) -> Path:
     # DeepSeek-V3's published shape: 61 decoder layers, the first 3 dense, layer 61 the MTP
     # module (with its own experts), which mlx-lm's sanitize drops by that number
     sizes = {"layers": 61, "experts": 4}
     cfg = make_config("deepseek_v3", **{**SIZES, **sizes})
     cfg["first_k_dense_replace"] = 3
-    path = make(root, "ds-mtp", "deepseek_v3", layout="hf", mtp=True, config=cfg, sizes=sizes)
-    store = open_store(path)
+    path = root / "ds-mtp"
+    if not path.exists():
+        make(root, "ds-mtp", "deepseek_v3", layout="hf", mtp=True, config=cfg, sizes=sizes)
+    return path
+
+
+def test_deepseek_mtp_layer_and_first_dense_layers(root):
+    store = open_store(deepseek_published_shape(root))
     assert store.moe_layers == list(range(3, 61))
     assert list(store.ignored_parts()) == ["layer 61 (multi-token prediction)"]
-    assert_identical(path)
+    assert store.dense_bytes() == sum(t.nbytes for t in store.dense_tensors().values())
+    assert not any(k.startswith("model.layers.61.") for k in store.dense_tensors())
+
+
+@pytest.mark.slow
+def test_deepseek_published_shape_streams_identically(root):
+    assert_identical(deepseek_published_shape(root))
 
 
 def test_fp8_block_scaled_is_converted_by_pack(root, capsys):
@@ -265,3 +277,27 @@ def synth_model(config: dict):
 
     model_class, args_class = _get_classes(config=config)
     return model_class(args_class.from_dict(config))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen2_moe", "olmoe", "glm4_moe", "minimax"])
+def test_hugging_face_families(root, arch):
+    # published per-expert names, as each family's sanitize in mlx-lm stacks them; config
+    # filled from mlx-lm's ModelArgs (qwen3_next needs a full-attention layer: 4 layers)
+    sizes = {"layers": 4} if arch == "qwen3_next" else {}
+    path = make(root, f"{arch}-hf", arch, layout="hf", sizes=sizes)
+    assert open_store(path).kind == "hf"
+    assert_identical(path)
+
+
+def test_gpt_oss_mlx_streams_and_its_original_is_refused(root):
+    assert_identical(make(root, "gpt-oss-mlx", "gpt_oss", layout="mlx", mode="mxfp4"))
+    original = make(root, "gpt-oss-hf", "gpt_oss", layout="hf")
+    assert len(reference_ids(original)) > 0  # mlx-lm reads it
+    with pytest.raises(CheckpointError, match="interleaves gate and up rows"):
+        open_store(original)
+
+
+def test_minimax_fp8_original_packs_exactly(root):
+    src = make(root, "minimax-fp8", "minimax", layout="hf", fp8=True)
+    packed = pack(src, root / "minimax-fp8-p", progress=False)
+    assert_identical(packed, reference=src)
