@@ -19,6 +19,7 @@ to its direct-I/O block size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zlib
@@ -30,6 +31,7 @@ import numpy as np
 
 from flashmoe.banks import Bank, model_tree
 from flashmoe.checkpoint import dropped_parts, ignored_reason, sort_tensors
+from flashmoe.config_check import check_config
 from flashmoe.errors import CheckpointError, ChecksumError
 from flashmoe.hub import resolve_model
 
@@ -188,13 +190,17 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         begin, stop = h["data_offsets"]
-        out[name] = TensorInfo(
-            str(path), base + begin, stop - begin, _ST_DTYPES.get(h["dtype"], h["dtype"]),
-            tuple(h["shape"]),
-        )  # fmt: skip
+        dtype, shape = _ST_DTYPES.get(h["dtype"], h["dtype"]), tuple(h["shape"])
+        if not all(type(x) is int and x >= 0 for x in (begin, stop, *shape)) or begin > stop or (
+            dtype in ITEMSIZE and math.prod(shape) * ITEMSIZE[dtype] != stop - begin
+        ):
+            raise CheckpointError(f"{path}: bad header entry for {name[:100]}")
+        out[name] = TensorInfo(str(path), base + begin, stop - begin, dtype, shape)
         end = max(end, base + stop)
     if size < end:
         raise CheckpointError(f"{path} is truncated: {size} bytes, its header needs {end}")
+    if size > end:  # the format indexes every byte: a shorter header shifts every tensor
+        raise CheckpointError(f"{path}: {size - end} bytes after the last tensor (bad header?)")
     return out
 
 
@@ -205,7 +211,10 @@ def _shard_files(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{index}: bad index ({e})") from None
-        return [path / f for f in sorted(set(weight_map.values()))]
+        names = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
+        if not all(isinstance(f, str) and f and f == Path(f).name for f in names):
+            raise CheckpointError(f"{index}: weight_map must map names to shard files of {path}")
+        return [path / f for f in sorted(names)]
     if (path / "model.safetensors").exists():
         return [path / "model.safetensors"]
     files = sorted(path.glob("*.safetensors"))
@@ -320,6 +329,7 @@ class Store:
         self.model_type = config.get("model_type", "")
         self.num_layers = int(text_config(config).get("num_hidden_layers") or 0)
         self.fp8 = False  # experts are FP8 block-scaled: ``flashmoe pack`` converts them
+        check_config(path, config, text_config(config))
         self._checksums: dict[int, list[int]] | None = None
         self._bank_paths: dict[int, str] = {}
         self._dense_tensors: dict[str, TensorInfo] = {}
@@ -625,18 +635,34 @@ def record_to_arrays(layout: RecordLayout, data: bytes | bytearray) -> dict[str,
 
 def _load_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"missing {path}") from None
     except ValueError as e:
         raise CheckpointError(f"{path}: bad JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return obj
 
 
 def open_store(path: str | os.PathLike, convert: bool = False) -> Store:
     """Open a checkpoint or packed store directory (or a Hugging Face repository id, see
     ``flashmoe.hub``); detects its kind and validates it. A store whose experts must be
-    converted before they stream (FP8 block-scaled) opens only with ``convert``."""
+    converted before they stream (FP8 block-scaled) opens only with ``convert``.
+
+    Raises:
+        CheckpointError: for every malformed file of the store (config, index, headers).
+    """
     path = resolve_model(path).absolute()
+    try:
+        return _open_store(path, convert)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        # metadata of an unexpected shape reached code that trusted it
+        msg = f"{path}: malformed checkpoint metadata ({type(e).__name__}: {e})"
+        raise CheckpointError(msg[:300]) from e
+
+
+def _open_store(path: Path, convert: bool) -> Store:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory")
     manifest_path = path / "manifest.json"

@@ -165,6 +165,9 @@ class Engine:
         self.store = open_store(self.model_path)
         self.compute_dtype = resolve_dtype(s.dtype, self.store.config)
         top_k = experts_per_token or self.store.top_k
+        if not 1 <= top_k <= self.store.num_experts:
+            raise FlashMoeError(f"--experts-per-token must be in 1..{self.store.num_experts} "
+                                f"(the model's expert count), got {top_k}")
         budget = (default_budget(s, self.store.dense_bytes()) if s.memory_budget == "auto"
                   else parse_size(s.memory_budget))
         self.plan = plan_for(self.store, s, budget, self.compute_dtype, top_k)
@@ -201,8 +204,12 @@ class Engine:
             params = self.model.parameters()
             mx.eval(params)
             self.dense_bytes = sum(v.nbytes for _, v in tree_flatten(params))
-            self.tokenizer = load_tokenizer(self.store.dense_dir,
-                                            eos_token_ids=self.config.get("eos_token_id"))
+            try:
+                self.tokenizer = load_tokenizer(self.store.dense_dir,
+                                                eos_token_ids=self.config.get("eos_token_id"))
+            except Exception as e:  # the tokenizers library raises bare Exceptions on bad files
+                raise CheckpointError(f"{self.store.dense_dir}: cannot load the tokenizer "
+                                      f"({type(e).__name__}: {str(e)[:200]})") from e
             self.prefix_cache = PrefixCache(s.prefix_cache_entries,
                                             parse_size(s.prefix_cache_bytes)) \
                 if s.prefix_cache_entries > 0 else None
