@@ -148,7 +148,7 @@ def tight_plan(path, extra_records: int, staging: int, monkeypatch) -> int:
     rec = cache_record_bytes(store.layout, mx.float32)
     stage = -(-store.layout.nbytes // RECORD_ALIGN) * RECORD_ALIGN
     plan = PoolPlan(store.top_k + extra_records, staging, rec, stage)
-    monkeypatch.setattr(engine, "plan_pool", lambda *a, **k: plan)
+    monkeypatch.setattr(engine, "plan_for", lambda *a, **k: plan)
     return plan.nbytes
 
 
