@@ -17,9 +17,9 @@ from flashmoe.errors import CheckpointError
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")  # decoder layer lists
 _TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "n_activated_experts", "num_activated_experts",
-                "moe_top_k", "num_experts_per_token")
+                "moe_top_k", "num_experts_per_token", "top_k_experts")
 _TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_topk", "num_activated_experts",
-               "moe_k", "top_k", "moe_top_k", "num_experts_per_token")
+               "moe_k", "top_k", "moe_top_k", "num_experts_per_token", "top_k_experts")
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ HF_FAMILIES = {
     "gpt_oss": HFFamily(refused=(
         "the original gpt_oss checkpoint interleaves gate and up rows in "
         "experts.gate_up_proj_blocks (mlx-lm splits them with a stride of 2); flashmoe reads "
-        "whole rows ranges only: convert it with mlx_lm.convert first")),
+        "contiguous ranges only: convert it with mlx_lm.convert first")),
 }
 
 # top-level parts that mlx-lm's sanitize drops (vision and audio towers, MTP heads)

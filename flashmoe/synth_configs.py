@@ -90,6 +90,8 @@ def _special(arch: str, d) -> dict:
         "nemotron_h": {"hybrid_override_pattern": ["M", "*", "E"], "num_hidden_layers": 3,
                        "routed_scaling_factor": 1.0},
         "gemma4_text": {"layer_types": ["sliding_attention", "full_attention"] * half,
+                        "num_kv_shared_layers": 0, "enable_moe_block": True,
+                        "top_k_experts": d.topk,
                         "num_hidden_layers": 2 * half},
         "mistral4": {"rope_parameters": {**full, "llama_4_scaling_beta": 0.1,
                                          "original_max_position_embeddings": 4096}},
