@@ -22,7 +22,7 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
 
 
 class FakeService:
-    """Answers every request with ``max_tokens`` chunks "x", after ``delay_s`` each."""
+    """Answers every request with ``max_tokens`` (at most 8) chunks "x", ``delay_s`` apart."""
 
     def __init__(self, limit: int = 64, delay_s: float = 0.0):
         self.settings = Settings(max_queued_requests=limit)
@@ -43,12 +43,13 @@ class FakeService:
         self._running.add(req.id)
 
         def run() -> None:
-            for _ in range(req.max_tokens):
+            for _ in range(min(req.max_tokens, 8)):  # Ollama's default asks for the limit
                 time.sleep(self.delay_s)
                 on_chunk(Chunk(req.id, "x", [7]))
             self._running.discard(req.id)
             on_chunk(Chunk(req.id, "", [], finish_reason="length",
-                           stats={"prompt_tokens": 5, "generation_tokens": req.max_tokens}))
+                           stats={"prompt_tokens": 5,
+                                  "generation_tokens": min(req.max_tokens, 8)}))
 
         threading.Thread(target=run, daemon=True).start()
 
