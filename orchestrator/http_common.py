@@ -83,6 +83,17 @@ async def read_json(request: Request, limit: int) -> dict:
     return body
 
 
+def message_objects(body: dict) -> list[dict]:
+    """``body["messages"]``: a non-empty list of objects, or a 400 that names it."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError("'messages' must be a non-empty list", param="messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ApiError(f"messages[{i}] must be an object", param="messages")
+    return msgs
+
+
 def check_request(req: GenRequest, service: Any) -> GenRequest:
     """``req.check`` with the service's limits, as a 400 naming the field."""
     try:

@@ -28,6 +28,7 @@ from flashmoe.orchestrator.http_common import (
     ApiError,
     Run,
     check_request,
+    message_objects,
     usage_of,
 )
 from flashmoe.orchestrator.http_tools import ToolCalls
@@ -75,13 +76,8 @@ def _stream_flag(body: dict) -> bool:
 
 
 def _messages(body: dict) -> list[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError("'messages' must be a non-empty list", param="messages")
     out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise ApiError(f"messages[{i}] must be an object", param="messages")
+    for m in message_objects(body):
         if m.get("images"):
             raise ApiError("images are not supported", param="messages")
         m = {k: v for k, v in m.items() if v is not None and k not in ("images", "thinking")}

@@ -25,6 +25,7 @@ from flashmoe.orchestrator.http_common import (
     ApiError,
     Run,
     check_request,
+    message_objects,
     sse,
     usage_of,
 )
@@ -70,13 +71,8 @@ def _content(v: Any, i: int) -> str:
 
 
 def _messages(body: dict) -> list[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError("'messages' must be a non-empty list", param="messages")
     out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise ApiError(f"messages[{i}] must be an object", param="messages")
+    for i, m in enumerate(message_objects(body)):
         m = {k: v for k, v in m.items() if v is not None}
         if "content" in m:
             m["content"] = _content(m["content"], i)
