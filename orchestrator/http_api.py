@@ -217,7 +217,7 @@ class _Api:
         return await self._complete(request, body, {"prompt": _prompt(body)}, chat=False)
 
     async def _complete(self, request: Request, body: dict, fields: dict, chat: bool) -> Response:
-        from flashmoe.orchestrator.daemon import new_request
+        from flashmoe.orchestrator.service import new_request
 
         fields.update(_sampling(body, self.service.settings.max_tokens_limit))
         stream = _flag(body, "stream")
@@ -384,7 +384,9 @@ def _find(status: dict, *names: str) -> Any:
 
 
 _METRICS = (
-    ("requests_total", "counter", "Generation requests finished.", ("requests_served",)),
+    ("requests_total", "counter", "Generation requests served.", ("requests_served",)),
+    ("requests_cancelled_total", "counter", "Requests cancelled.", ("requests_cancelled",)),
+    ("requests_failed_total", "counter", "Requests ended by an error.", ("requests_failed",)),
     ("requests_running", "gauge", "Generation requests in flight.", ("requests_running",)),
     ("tokens_generated_total", "counter", "Tokens generated.", ("tokens_generated",)),
     (
