@@ -16,12 +16,23 @@ SEED_MAX = 2**64 - 1  # MLX's random seed is an unsigned 64-bit integer
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
+class _Help(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to a flag's help unless the help already says its default (a flag
+    whose default comes from the environment never shows its value: it may be a key)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` that shows defaults in ``--help`` and says a usage error in one line
     (``error: ...``, exit 2) instead of the whole usage."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:

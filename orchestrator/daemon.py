@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from flashmoe.cli_args import Parser, add_version, engine_args, seconds
+from flashmoe.cli_args import Parser, add_version, count, engine_args, seconds
 from flashmoe.errors import FlashMoeError
 from flashmoe.orchestrator.lifecycle import running_pid, serve, start_detached
 from flashmoe.protocol import sockets
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=seconds, default=60.0, help="seconds to wait before SIGKILL")
     p = sub.add_parser("logs", help="print the end of the daemon's log")
     p.add_argument("--socket", help=sock_help)
-    p.add_argument("-n", type=int, default=50, help="lines (0: all)")
+    p.add_argument("-n", type=count, default=50, help="lines (0: all)")
     return ap
 
 

@@ -31,6 +31,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from flashmoe.orchestrator.service import public_error
+
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -306,7 +308,8 @@ async def _cancel_on_disconnect(request: Request, service: Any, req_id: str) -> 
 def _raise_for(chunk: Any) -> None:
     if chunk.finish_reason == "error":
         raise ApiError(
-            f"generation failed: {chunk.error or 'engine error'}", 500, kind="server_error"
+            f"generation failed: {public_error(chunk.error or 'engine error')}", 500,
+            kind="server_error",
         )
     if chunk.finish_reason == "cancelled":
         raise ApiError("request cancelled (the server is stopping)", 503, kind="server_error")

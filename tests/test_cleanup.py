@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,9 @@ def _loader_sockets(pid: int) -> list[str]:
     return [p.name for p in sockets.runtime_dir().glob(f"loaders-{pid}-*.sock")]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_run_killed_mid_generation_leaves_nothing(tiny_model: Path, sig: int) -> None:
+def test_run_killed_mid_generation_leaves_nothing(tiny_model: Path) -> None:
+    """SIGTERM (Ctrl-C takes the same way out: flashmoe.signals)."""
+    sig = signal.SIGTERM
     proc = subprocess.Popen(
         [sys.executable, "-m", "flashmoe.cli", "run", "--model", str(tiny_model), "--prompt",
          "Once upon a time", "--max-tokens", "20000", "--memory-budget", "600KiB"],
@@ -42,7 +44,7 @@ def test_run_killed_mid_generation_leaves_nothing(tiny_model: Path, sig: int) ->
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err.decode()
+    assert proc.returncode == 143, err.decode()
     assert b"Traceback" not in err
     assert shm_segments(proc.pid) == [] and _loader_sockets(proc.pid) == []
     wait_for(lambda: not loader_workers(proc.pid), 10, "loader workers to exit")
@@ -144,3 +146,14 @@ def test_client_errors_carry_no_server_paths() -> None:
     msg = "layer 3 expert 17: /srv/models/q/experts/layer-003.bin at offset 4096: I/O error"
     assert public_error(msg) == "layer 3 expert 17: layer-003.bin at offset 4096: I/O error"
     assert public_error("cannot read /home/u/m/") == "cannot read <dir>"
+
+
+def test_signals_unwind_and_handlers_come_back() -> None:
+    from flashmoe.signals import Terminated, unwind_on_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for sig, exc in ((signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)):
+        with pytest.raises(exc), unwind_on_signals():
+            os.kill(os.getpid(), sig)
+            time.sleep(5)  # the handler raises here, at once
+        assert {s: signal.getsignal(s) for s in before} == before
