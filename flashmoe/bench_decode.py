@@ -279,8 +279,15 @@ def _child(side: str, a: dict, cap: int | None) -> dict:
             (cg / "cgroup.procs").write_text(str(os.getpid()))
 
     try:
-        p = subprocess.run([sys.executable, "-m", "flashmoe.bench_decode", side, json.dumps(a)],
-                           capture_output=True, text=True, preexec_fn=enter)
+        with subprocess.Popen([sys.executable, "-m", "flashmoe.bench_decode", side, json.dumps(a)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=enter) as p:
+            try:
+                stdout, stderr = p.communicate()
+            except BaseException:  # SIGTERM/Ctrl-C of the bench: the child cleans up too
+                p.terminate()
+                p.wait(60)
+                raise
         peak = int((cg / "memory.max_usage_in_bytes").read_text()) if cg else None
     finally:
         if cg is not None:
@@ -290,8 +297,8 @@ def _child(side: str, a: dict, cap: int | None) -> dict:
                 pass
     if p.returncode != 0:
         raise FlashMoeError(f"{side} side failed (exit {p.returncode}): "
-                            f"{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+                            f"{stderr.strip().splitlines()[-1] if stderr.strip() else ''}")
+    out = json.loads(stdout.strip().splitlines()[-1])
     if peak is not None:
         out["cgroup_cap_bytes"] = cap
         out["cgroup_peak_bytes"] = peak
@@ -413,6 +420,9 @@ def run_decode_bench(args) -> int:
 
 
 if __name__ == "__main__":
+    from flashmoe.signals import unwind_on_signals
+
     side, payload = sys.argv[1], json.loads(sys.argv[2])
-    result = streamed_side(payload) if side == "streamed" else baseline_side(payload)
+    with unwind_on_signals():  # SIGTERM closes the engine: its shared memory and workers go
+        result = streamed_side(payload) if side == "streamed" else baseline_side(payload)
     print(json.dumps(result))

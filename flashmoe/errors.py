@@ -27,3 +27,7 @@ class ConfigError(FlashMoeError, ValueError):
 
 class OutputError(FlashMoeError):
     """An output path is not ours to replace, or the disk refused a write (full, read-only)."""
+
+
+class RuntimeFileError(FlashMoeError, PermissionError):
+    """A runtime file (pid file, log, socket) is a link, or not a file of this user."""

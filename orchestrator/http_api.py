@@ -96,7 +96,9 @@ def _find(status: dict, *names: str) -> Any:
 
 
 _METRICS = (
-    ("requests_total", "counter", "Generation requests finished.", ("requests_served",)),
+    ("requests_total", "counter", "Generation requests served.", ("requests_served",)),
+    ("requests_cancelled_total", "counter", "Requests cancelled.", ("requests_cancelled",)),
+    ("requests_failed_total", "counter", "Requests ended by an error.", ("requests_failed",)),
     ("requests_running", "gauge", "Generation requests in flight.", ("requests_running",)),
     ("tokens_generated_total", "counter", "Tokens generated.", ("tokens_generated",)),
     (

@@ -17,6 +17,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from flashmoe.orchestrator.service import public_error
 from flashmoe.protocol.request import Request as GenRequest
 from flashmoe.protocol.request import RequestError
 
@@ -200,7 +201,7 @@ async def _cancel_on_disconnect(request: Request, service: Any, req_id: str) -> 
 
 def raise_for(chunk: Any) -> None:
     if chunk.finish_reason == "error":
-        raise ApiError(f"generation failed: {chunk.error or 'engine error'}", 500,
+        raise ApiError(f"generation failed: {public_error(chunk.error or 'engine error')}", 500,
                        kind="server_error")
     if chunk.finish_reason == "cancelled":
         raise ApiError("request cancelled (the server is stopping)", 503, kind="server_error")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from flashmoe.configs import format_size
 from flashmoe.orchestrator.engine import Engine, GenRequest
+from flashmoe.progress import loading
 
 
 def cmd_run(args) -> int:
@@ -21,9 +23,11 @@ def cmd_run(args) -> int:
         min_p=args.min_p,
         seed=args.seed,
     )
-    with Engine(args.model, memory_budget=args.memory_budget, workers=args.workers,
-                io_threads=args.io_threads, dtype=args.dtype,
-                experts_per_token=args.experts_per_token) as engine:
+    with loading(args.model):
+        engine = Engine(os.path.abspath(args.model), memory_budget=args.memory_budget,
+                        workers=args.workers, io_threads=args.io_threads, dtype=args.dtype,
+                        experts_per_token=args.experts_per_token)
+    with engine:
         try:
             engine.validate(req)
         except ValueError as e:

@@ -1,4 +1,4 @@
-"""The client library of ``flashmoe-daemon``, and the ``flashmoe generate`` / ``chat`` commands.
+"""The client library of ``flashmoe-daemon``.
 
     from flashmoe import Client
 
@@ -18,9 +18,7 @@ result of a non-streamed request.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import threading
 import time
 import uuid
@@ -106,9 +104,14 @@ def daemon_paths(socket: str | os.PathLike | None = None) -> DaemonPaths:
 def read_pid(paths: DaemonPaths) -> int | None:
     """The pid in the pid file, or None when there is none (or it is unreadable)."""
     try:
-        return int(paths.pid.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        fd = sockets.open_private(paths.pid, os.O_RDONLY)
+    except (OSError, FlashMoeError):  # missing, a link, not this user's
         return None
+    with os.fdopen(fd) as f:
+        try:
+            return int(f.read(64).split()[0])
+        except (ValueError, IndexError):
+            return None
 
 
 def pid_alive(pid: int) -> bool:
@@ -214,9 +217,12 @@ class Client:
         self.paths = daemon_paths(socket)
         self.timeout = timeout
         self._pid = read_pid(self.paths)
-        if not self.paths.socket.exists() or (self._pid is not None and not pid_alive(self._pid)):
+        why = sockets.probe_unix_socket(self.paths.socket)
+        if why is None and self._pid is not None and not pid_alive(self._pid):
+            why = f"its daemon (pid {self._pid}) is gone"
+        if why is not None:
             raise DaemonNotRunning(
-                f"no flashmoe-daemon at {self.paths.socket} "
+                f"no flashmoe-daemon at {self.paths.socket}: {why} "
                 "(start one with `flashmoe-daemon start --model M`)"
             )
         self._lock = threading.RLock()  # RLock: a Stream collected mid-call may cancel re-entrantly
@@ -411,75 +417,3 @@ class Client:
         with self._lock:
             self._inbox.pop(req_id, None)
             self._streams.pop(req_id, None)
-
-
-# -- the `flashmoe generate` / `flashmoe chat` commands -----------------------------------------
-
-
-def _sampling(args: argparse.Namespace) -> dict:
-    return {
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "min_p": args.min_p,
-        "seed": args.seed,
-    }
-
-
-def _print_stream(stream: Stream) -> str:
-    parts = []
-    with stream:
-        for chunk in stream:
-            parts.append(chunk.text)
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-    sys.stdout.write("\n")
-    return "".join(parts)
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    """``flashmoe generate PROMPT``: stream to stdout (``--no-stream``: print at the end)."""
-    with Client(args.socket, timeout=args.timeout) as c:
-        if args.no_stream:
-            print(c.generate(args.prompt, **_sampling(args)).text)
-        else:
-            _print_stream(c.generate(args.prompt, stream=True, **_sampling(args)))
-    return 0
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    """``flashmoe chat``: an interactive conversation; ``/exit`` or end of input ends it."""
-    tty = sys.stdin.isatty()
-    history: list[dict] = []
-    with Client(args.socket, timeout=args.timeout) as c:
-        while True:
-            if tty:
-                try:
-                    line = input(">>> ")
-                except EOFError:
-                    break
-            else:
-                line = sys.stdin.readline()
-                if not line:
-                    break
-            line = line.strip()
-            if line in ("/exit", "/quit"):
-                break
-            if not line:
-                continue
-            history.append({"role": "user", "content": line})
-            if args.no_stream:
-                reply = c.chat(history, **_sampling(args)).text
-                print(reply)
-            else:
-                stream = c.chat(history, stream=True, **_sampling(args))
-                try:
-                    reply = _print_stream(stream)
-                except KeyboardInterrupt:  # stop this answer, keep the conversation
-                    stream.close()
-                    print("\n[interrupted]")
-                    history.pop()
-                    continue
-            history.append({"role": "assistant", "content": reply})
-    return 0

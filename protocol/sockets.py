@@ -3,8 +3,10 @@ endpoints in a private per-user runtime directory, and receives that always time
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 
 import zmq
 
+from flashmoe.errors import RuntimeFileError
 from flashmoe.protocol.messages import MAX_MESSAGE_BYTES, decode, encode
 
 HWM = 100_000  # messages; the real bound is the slot count (one request per slot)
@@ -48,6 +51,53 @@ def ipc_endpoint(name: str) -> str:
 def fresh_endpoint(prefix: str) -> str:
     """A new, unused ipc endpoint ``<prefix>-<pid>-<random>.sock``."""
     return ipc_endpoint(f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}.sock")
+
+
+def check_own(path: Path, is_kind=stat.S_ISREG) -> os.stat_result:
+    """``lstat(path)``, refusing a link, another kind of file, or a file of another user."""
+    st = path.lstat()
+    if not is_kind(st.st_mode) or st.st_uid != os.getuid():
+        raise RuntimeFileError(f"{path} is a link, of another kind or not owned by this user")
+    return st
+
+
+def open_private(path: Path, flags: int) -> int:
+    """``os.open`` of a runtime file (pid file, log) that never follows a link at ``path`` and
+    refuses a file that is not a regular file of this user (mode 0600 when created)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RuntimeFileError(f"{path} is a symbolic link: refusing to follow it") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        os.close(fd)
+        raise RuntimeFileError(f"{path} is not a regular file owned by this user")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def probe_unix_socket(path: Path) -> str | None:
+    """None if something listens on the unix socket ``path``, else why not (missing, not a
+    socket, nobody listening): a client can fail at once instead of after its timeout."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return "no such socket"
+    except OSError as e:
+        return e.strerror or str(e)
+    if not stat.S_ISSOCK(mode):
+        return "not a socket"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except OSError as e:  # ECONNREFUSED: a socket file left by a dead process
+        return f"nobody listens ({e.strerror or e})"
+    finally:
+        probe.close()
+    return None
 
 
 def endpoint_path(endpoint: str) -> Path | None:

@@ -154,7 +154,7 @@ def test_cli_generate(daemon: Daemon, reference: dict, capsys: pytest.CaptureFix
     assert cli_main([*args, "--no-stream"]) == 0
     assert capsys.readouterr().out == text + "\n"
     assert cli_main([*args, "--top-p", "0"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "top-p" in capsys.readouterr().err
 
 
 def test_socket_from_environment(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -211,7 +212,10 @@ def test_status(daemon: Daemon, reference: dict) -> None:
         text=True,
         timeout=30,
     )
-    assert out.returncode == 0 and f"pid {daemon.proc.pid}" in out.stdout
+    assert out.returncode == 0, out.stderr
+    for row in ("model", "memory budget", "expert hit rate", "decode", "requests", "workers",
+                "uptime", str(daemon.proc.pid), reference["name"]):
+        assert row in out.stdout, (row, out.stdout)
     out = subprocess.run(
         [*DAEMON, "status", "--json"],
         capture_output=True,
@@ -283,6 +287,7 @@ def _running(daemon: Daemon) -> int:
 
 def test_closed_stream_and_gone_client_are_cancelled(daemon: Daemon) -> None:
     with daemon.client() as c:
+        before = c.status()
         stream = c.generate(PROMPTS[0], max_tokens=20000, stream=True)
         next(stream)
         stream.close()  # sends Cancel
@@ -293,6 +298,9 @@ def test_closed_stream_and_gone_client_are_cancelled(daemon: Daemon) -> None:
         del stream  # garbage-collected: cancelled too
         wait_for(lambda: _running(daemon) == 0, 10, "the dropped stream to be cancelled")
         assert time.monotonic() - t0 < 10
+        after = c.status()  # counted apart from the requests served
+        assert after["requests_cancelled"] == before["requests_cancelled"] + 2
+        assert after["requests_served"] == before["requests_served"]
     # A raw peer that vanishes without a Cancel: the daemon notices when a token cannot be sent.
     sock = sockets.dealer(daemon.paths.endpoint)
     sock.send_multipart(encode(Generate(id="gone", prompt="hi", max_tokens=20000)))
@@ -388,7 +396,9 @@ def test_stale_files_are_removed_and_sigkill_mid_request_raises(tiny_model: Path
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(10)
     sock.with_name("d.sock.pid").write_text(f"{dead.pid}\n")
-    sock.write_bytes(b"")  # the socket file a SIGKILLed daemon leaves behind
+    left = socket.socket(socket.AF_UNIX)
+    left.bind(str(sock))  # the socket file a SIGKILLed daemon leaves behind
+    left.close()
     d = Daemon(tiny_model, sock=sock)
     try:
         st = d.wait_ready()

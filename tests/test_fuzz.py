@@ -16,7 +16,7 @@ from conftest import rss, scratch_dir
 from test_daemon import CHAT, MAX_TOKENS, PROMPTS, Daemon, reference, tiny_model
 from test_http import free_port
 
-from flashmoe.orchestrator.daemon import parse_http
+from flashmoe.orchestrator.lifecycle import parse_http
 from flashmoe.protocol import sockets
 from flashmoe.protocol.messages import (
     CLIENT_ACCEPTS,
