@@ -228,7 +228,7 @@ class _Arch:
 
 # An architecture added here needs an exactness test, and its mlx-lm forward pass must evaluate
 # nothing between two MoE layers (GPU banks hand on their output before their loads land:
-# orchestrator/streamed.py, DEFER; tests/test_engine.py checks every entry with it on).
+# orchestrator/streamed.py, the "deferred" path; tests/test_engine.py checks every entry on it).
 ARCHS = {
     "qwen3_moe": _Arch("num_experts", "moe_intermediate_size"),
     "qwen3_5_moe": _Arch("num_experts", "moe_intermediate_size", text_config=True),
