@@ -92,11 +92,24 @@ def make_cache(store, slots: int, staging: int = 4, depth: int = 2):
 
 
 @pytest.fixture
-def cache(store):
-    cache, loader, pool = make_cache(store, slots=6)
-    yield cache, loader
-    pool.close()
-    pool.unlink()
+def caches(store):
+    """``make(slots, staging, depth)``: a cache and its fake loader, closed after the test."""
+    pools = []
+
+    def make(**kw):
+        cache, loader, pool = make_cache(store, **kw)
+        pools.append(pool)
+        return cache, loader
+
+    yield make
+    for pool in pools:
+        pool.close()
+        pool.unlink()
+
+
+@pytest.fixture
+def cache(caches):
+    return caches(slots=6)
 
 
 def holds(cache, slot: int, layer: int, e: int, store) -> bool:
@@ -150,70 +163,58 @@ def test_a_failed_load_reaches_every_waiter(cache):
     c.release(c.acquire(L0, [2]))  # asked again: read again
 
 
-def test_a_guess_gives_its_slot_to_a_demanded_load_and_lands_stale(store):
-    c, loader, pool = make_cache(store, slots=2)
-    try:
-        lane = Lane(c)
-        loader.auto = False
-        assert c.prefetch.guess(lane, [(L1, 5), (L1, 6)]) == 2
-        guessed = {c.table.lookup((L1, 5)), c.table.lookup((L1, 6))}
-        assert None not in guessed and c.stats.prefetched == 2  # both slots, in flight
-        h = c.request(L0, [0, 1], lane)  # needs both slots: the guesses give them up
-        assert set(h.slots) == guessed and c.table.lookup((L1, 5)) is None
-        loader.auto = True
-        h.wait()  # the guesses' replies land too, stale: their bytes are dropped
-        assert c.loads.guessing == 0 and not loader.sent and c.table.lookup((L1, 5)) is None
-        assert holds(c, int(h.slots[0]), L0, 0, store) and holds(c, int(h.slots[1]), L0, 1, store)
-        lane.route(mx.array(0))
-        assert c.table.stats()["pinned"] == 0
-    finally:
-        pool.close()
-        pool.unlink()
+def test_a_guess_gives_its_slot_to_a_demanded_load_and_lands_stale(caches, store):
+    c, loader = caches(slots=2)
+    lane = Lane(c)
+    loader.auto = False
+    assert c.prefetch.guess(lane, [(L1, 5), (L1, 6)]) == 2
+    guessed = {c.table.lookup((L1, 5)), c.table.lookup((L1, 6))}
+    assert None not in guessed and c.stats.prefetched == 2  # both slots, in flight
+    h = c.request(L0, [0, 1], lane)  # needs both slots: the guesses give them up
+    assert set(h.slots) == guessed and c.table.lookup((L1, 5)) is None
+    loader.auto = True
+    h.wait()  # the guesses' replies land too, stale: their bytes are dropped
+    assert c.loads.guessing == 0 and not loader.sent and c.table.lookup((L1, 5)) is None
+    assert holds(c, int(h.slots[0]), L0, 0, store) and holds(c, int(h.slots[1]), L0, 1, store)
+    lane.route(mx.array(0))
+    assert c.table.stats()["pinned"] == 0
 
 
-def test_unsent_guesses_are_dropped_by_the_next_request(store):
-    c, loader, pool = make_cache(store, slots=6, staging=2, depth=1)
-    try:
-        lane = Lane(c)
-        loader.auto = False
-        assert c.prefetch.guess(lane, [(L1, 1), (L1, 2), (L1, 3)]) == 3
-        assert c.stats.prefetched == 1  # one staging slot for guesses: the rest wait
-        sent = c.table.lookup((L1, 1))
-        h = c.request(L1, [4], lane)  # this lane's next layer: unsent guesses go, no slot
-        assert c.table.lookup((L1, 2)) is None and c.table.lookup((L1, 3)) is None
-        assert c.table.pins(sent) == 0  # its own layer began without asking for it
-        loader.auto = True
-        h.wait()
-        lane.idle()
-        assert c.table.stats()["pinned"] == 0
-        first = c.table.acquire(("new", 0))[0]
-        assert first != sent or c.table.stats()["free"] == 0  # free slots go before evictions
-    finally:
-        pool.close()
-        pool.unlink()
+def test_unsent_guesses_are_dropped_by_the_next_request(caches, store):
+    c, loader = caches(slots=6, staging=2, depth=1)
+    lane = Lane(c)
+    loader.auto = False
+    assert c.prefetch.guess(lane, [(L1, 1), (L1, 2), (L1, 3)]) == 3
+    assert c.stats.prefetched == 1  # one staging slot for guesses: the rest wait
+    sent = c.table.lookup((L1, 1))
+    h = c.request(L1, [4], lane)  # this lane's next layer: unsent guesses go, no slot
+    assert c.table.lookup((L1, 2)) is None and c.table.lookup((L1, 3)) is None
+    assert c.table.pins(sent) == 0  # its own layer began without asking for it
+    loader.auto = True
+    h.wait()
+    lane.idle()
+    assert c.table.stats()["pinned"] == 0
+    first = c.table.acquire(("new", 0))[0]
+    assert first != sent or c.table.stats()["free"] == 0  # free slots go before evictions
 
 
-def test_guesses_stay_pinned_until_their_layer_and_go_first(store):
-    c, loader, pool = make_cache(store, slots=8, staging=8, depth=4)
-    try:
-        lane = Lane(c)
-        c.request(L0, [0], lane).wait()
-        assert c.prefetch.guess(lane, [(L1, 1), (L1, 2)]) == 2
-        c.tend()  # they land on their own
-        g1, g2 = c.table.lookup((L1, 1)), c.table.lookup((L1, 2))
-        assert c.table.pins(g1) == c.table.pins(g2) == 1  # pinned while L1 has not begun
-        lane.route(mx.array(0))
-        h = c.request(L1, [2], lane)  # asks for one of them
-        assert c.stats.prefetch_used == 1 and c.table.pins(g1) == 0 and c.table.pins(g2) == 1
-        h.wait()
-        lane.route(mx.array(0))
-        assert c.table.stats()["pinned"] == 0
-        for i in range(c.table.stats()["free"]):
-            c.table.acquire(("filler", i))
-        assert c.table.acquire(("new", 0))[0] == g1  # the unused guess is the first to go
-    finally:
-        pool.close()
-        pool.unlink()
+def test_guesses_stay_pinned_until_their_layer_and_go_first(caches, store):
+    c, loader = caches(slots=8, staging=8, depth=4)
+    lane = Lane(c)
+    c.request(L0, [0], lane).wait()
+    assert c.prefetch.guess(lane, [(L1, 1), (L1, 2)]) == 2
+    c.tend()  # they land on their own
+    g1, g2 = c.table.lookup((L1, 1)), c.table.lookup((L1, 2))
+    assert c.table.pins(g1) == c.table.pins(g2) == 1  # pinned while L1 has not begun
+    lane.route(mx.array(0))
+    h = c.request(L1, [2], lane)  # asks for one of them
+    assert c.stats.prefetch_used == 1 and c.table.pins(g1) == 0 and c.table.pins(g2) == 1
+    h.wait()
+    lane.route(mx.array(0))
+    assert c.table.stats()["pinned"] == 0
+    for i in range(c.table.stats()["free"]):
+        c.table.acquire(("filler", i))
+    assert c.table.acquire(("new", 0))[0] == g1  # the unused guess is the first to go
 
 
 def test_a_lanes_slots_outlive_the_call_until_its_next_routing_sync(cache):
