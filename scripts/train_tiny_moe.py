@@ -259,11 +259,12 @@ def train(a, meta: dict, work: Path) -> dict:
     # Export the weights of the lowest held-out loss: past it the model memorizes the corpus.
     model.load_weights(str(work / "best.safetensors"))
     stats = {
-        "device": str(mx.default_device()), "parameters": int(nparams),
+        "device": f"{mx.default_device()} ({mx.device_info().get('device_name', '?')})",
+        "parameters": int(nparams),
         "steps": a.steps, "tokens_seen": a.steps * per_step,
         "epochs": round(a.steps * per_step / train_tok.size, 2),
         "wall_s": round(wall, 1), "train_s": round(train_s, 1),
-        "tokens_per_s": round(a.steps * per_step / train_s, 1),
+        **speed(log, per_step),
         "exported_step": best["step"],
         "final_train_loss": best["train"], "final_heldout_loss": best["heldout"],
         "evals": evals,
@@ -271,6 +272,15 @@ def train(a, meta: dict, work: Path) -> dict:
     (work / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     plot(log, evals, work / "loss.png")
     return {"config": config, "model": model, "stats": stats}
+
+
+def speed(log: list, per_step: int) -> dict:
+    """Tokens/s from the second step on: the first one includes compiling the kernels (on CUDA,
+    tens of seconds)."""
+    secs = [per_step / r["tok_s"] for r in log]
+    rest = sum(secs[1:])
+    return {"first_step_s": round(secs[0], 1),
+            "tokens_per_s": round(per_step * (len(secs) - 1) / rest, 1) if rest else None}
 
 
 def plot(log: list, evals: list, path: Path) -> None:
@@ -333,8 +343,8 @@ scales). It is a test fixture and demo model: it writes Python-looking text, not
   training tokens and {c['tokens']['heldout']:,} held-out tokens ({len(c['heldout_files'])} files);
   {c['tokenizer']}, vocabulary {c['vocab_size']}.
 - How long: {s['steps']} steps of {t['batch']} x {t['seq']} tokens ({s['epochs']} epochs),
-  {s['wall_s'] / 60:.1f} minutes on {s['device']} ({s['tokens_per_s']:.0f} tokens/s),
-  seed {t['seed']}.
+  {s['wall_s'] / 60:.1f} minutes on {s['device']} ({s['tokens_per_s']:.0f} tokens/s after a first
+  step of {s['first_step_s']} s), seed {t['seed']}.
 - Loss of the weights shipped (float32, nats/token; those of step {s['exported_step']}, the
   lowest held-out loss of the evaluations): train {s['final_train_loss']:.3f},
   held-out {s['final_heldout_loss']:.3f}.
