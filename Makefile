@@ -15,12 +15,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+DEMO_MODEL := models/tiny-pystdlib-moe
+DEMO_PROMPT := import os\n\n\ndef read_lines(path):\n
+
 demo: $(STAMP)
-	$(BIN)/flashmoe synth $(DEMO)/model --arch qwen3_moe --layout mlx --bits 4 \
-		--layers 8 --hidden 512 --experts 64 --topk 4 --moe-inter 256 --vocab 2048 --force
-	$(BIN)/flashmoe inspect $(DEMO)/model
-	$(BIN)/flashmoe run --model $(DEMO)/model --memory-budget 16MiB \
-		--prompt "The quick brown fox" --max-tokens 48
+	$(BIN)/flashmoe inspect $(DEMO_MODEL)
+	@printf '\n$(DEMO_PROMPT)'
+	@$(BIN)/flashmoe run --model $(DEMO_MODEL) --memory-budget 4MiB --max-tokens 80 \
+		--temperature 0.7 --top-p 0.95 --seed 2 --prompt "$$(printf '$(DEMO_PROMPT)')"
 
 test: $(STAMP)
 	$(BIN)/ruff check .
