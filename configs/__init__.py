@@ -72,6 +72,8 @@ class Settings:
     socket: str = ""
     http: str = ""
     max_prompt_tokens: int = 32768
+    max_context: str = "auto"
+    kv_bits: int = 0
     max_tokens_limit: int = 32768
     max_message_bytes: int = 4194304
 
@@ -86,7 +88,7 @@ OFF_WORDS = ("0", "false", "no", "off")
 
 # Settings that are counts with a floor: a value below it is a mistake, not a request.
 _AT_LEAST = {"prefetch_top": 0, "prefetch_late": 0, "prefetch_depth": 1, "prefetch_ahead": 1,
-             "prefetch_threads": 0, "io_spin_us": 0}
+             "prefetch_threads": 0, "io_spin_us": 0, "kv_bits": 0}
 
 
 def load_settings(path: str | os.PathLike | None = None) -> Settings:

@@ -13,6 +13,7 @@ COMMANDS = {
     "synth": "flashmoe.synth:cmd_synth",
     "pack": "flashmoe.pack:cmd_pack",
     "inspect": "flashmoe.store:cmd_inspect",
+    "fit": "flashmoe.fit:cmd_fit",
     "run": "flashmoe.orchestrator.run:cmd_run",
     "bench": "flashmoe.bench:cmd_bench",
     "generate": "flashmoe.protocol.client:cmd_generate",
@@ -70,12 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("fit", help="will MODEL run here within a budget, and how fast")
+    p.add_argument("model")
+    p.add_argument("--memory-budget", help="everything flashmoe holds: bytes, 6GiB, ... "
+                   "(default: the memory available now)")
+    p.add_argument("--context", type=int, help="context tokens (default: the longest the "
+                   "budget holds, up to 32768)")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantized KV cache")
+    p.add_argument("--trace", help="routing trace for the hit rate (bench decode --trace-out)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("run", help="generate in the foreground with streamed experts")
     _model_args(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt")
     g.add_argument("--chat")
     _sampling_args(p)
+    p.add_argument("--max-context", help="tokens the KV cache is sized for (default: auto, "
+                   "chosen from the budget)")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantized KV cache")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="benchmarks: io, decode")

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import psutil
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from flashmoe.configs import OFF_WORDS, ON_WORDS, ConfigError, Settings, load_settings, parse_size
 from flashmoe.errors import CheckpointError, FlashMoeError
+from flashmoe.orchestrator.budget import check_request, kv_args, plan_for_engine
 from flashmoe.orchestrator.cache import ExpertCache, plan_pool
 from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, make_copier, on_cuda
 from flashmoe.orchestrator.loaders import LoaderPool, ThreadLoader
@@ -157,11 +157,6 @@ def make_loader(s: Settings, pool: ExpertPool) -> LoaderPool | ThreadLoader:
                       start_timeout_s=s.worker_start_timeout_s, load_timeout_s=s.load_timeout_s)
 
 
-def default_budget(settings: Settings, dense_bytes: int) -> int:
-    avail = psutil.virtual_memory().available
-    return max(0, int((avail - dense_bytes) * settings.auto_budget_fraction))
-
-
 class Engine:
     """A loaded model with streamed experts. See the module docstring."""
 
@@ -180,9 +175,11 @@ class Engine:
         self.store = open_store(self.model_path)
         self.compute_dtype = resolve_dtype(s.dtype, self.store.config)
         top_k = experts_per_token or self.store.top_k
-        budget = (default_budget(s, self.store.dense_bytes()) if s.memory_budget == "auto"
-                  else parse_size(s.memory_budget))
-        self.plan = plan_pool(budget, self.store.layout, self.compute_dtype, top_k,
+        cast = s.dtype != "auto" or self.compute_dtype != _checkpoint_dtype(self.store.config)
+        bp = self.budget_plan = plan_for_engine(self.store, s.memory_budget, self.compute_dtype,
+                                                cast, s)
+        self.max_context, budget = bp.max_context, bp.budget
+        self.plan = plan_pool(bp.pool_bytes, self.store.layout, self.compute_dtype, top_k,
                               self.store.num_experts,
                               parallel_reads=2 * max(1, s.workers) * max(1, s.io_threads),
                               max_slot_array_bytes=MAX_ARRAY_BYTES if on_cuda() else None,
@@ -261,6 +258,7 @@ class Engine:
             raise ValueError("the prompt is empty")
         if n > s.max_prompt_tokens:
             raise ValueError(f"prompt longer than {s.max_prompt_tokens} tokens")
+        check_request(n, req.max_tokens, self.max_context)
 
     def encode(self, req: GenRequest) -> list[int]:
         """Token ids of the prompt: a string exactly as ``mlx_lm.generate`` encodes it, or the
@@ -296,7 +294,8 @@ class Engine:
         finish = "length"
         try:
             for token, logprobs in generate_step(mx.array(prompt), self.model,
-                                                 max_tokens=req.max_tokens, sampler=sampler):
+                                                 max_tokens=req.max_tokens, sampler=sampler,
+                                                 **kv_args(self.settings.kv_bits, self.config)):
                 if t_first is None:
                     t_first = time.perf_counter()
                 check_finite(logprobs, token, len(ids))
@@ -343,6 +342,7 @@ class Engine:
             "cache_slots": self.plan.cache_slots,
             "staging_slots": self.plan.staging_slots,
             "dense_bytes": self.dense_bytes,
+            "max_context": self.max_context,
             "peak_rss_bytes": _peak_rss(),
             "zero_copy": False,
             "dtype": str(self.compute_dtype).split(".")[-1],
@@ -386,6 +386,8 @@ class Engine:
             "dtype": str(self.compute_dtype).split(".")[-1],
             "pool_bytes": self.plan.nbytes,
             "budget_bytes": self.budget,
+            "max_context": self.max_context,
+            "kv_bytes": self.budget_plan.kv_bytes,
             "cache_slots": self.plan.cache_slots,
             "cache_slots_ready": ready,
             "lanes": self.lanes,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from flashmoe.configs import format_size
+from flashmoe.configs import format_size, load_settings
 from flashmoe.orchestrator.engine import Engine, GenRequest
 
 
@@ -21,7 +21,8 @@ def cmd_run(args) -> int:
         min_p=args.min_p,
         seed=args.seed,
     )
-    with Engine(args.model, memory_budget=args.memory_budget, workers=args.workers,
+    settings = load_settings().with_overrides(max_context=args.max_context, kv_bits=args.kv_bits)
+    with Engine(args.model, settings, memory_budget=args.memory_budget, workers=args.workers,
                 io_threads=args.io_threads, dtype=args.dtype,
                 experts_per_token=args.experts_per_token) as engine:
         try:
@@ -49,7 +50,8 @@ def cmd_run(args) -> int:
         f"{format_size(stats['bytes_read'])}, pool {format_size(stats['pool_bytes'])} "
         f"({stats['cache_slots']} cache + {stats['staging_slots']} staging slots), dense "
         f"{format_size(stats['dense_bytes'])}, peak RSS {format_size(stats['peak_rss_bytes'])}, "
-        f"dtype {stats['dtype']}, zero-copy {stats['zero_copy']}",
+        f"dtype {stats['dtype']}, zero-copy {stats['zero_copy']}, context limit "
+        f"{stats['max_context']} tokens",
         file=sys.stderr,
     )
     return 0

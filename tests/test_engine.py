@@ -16,6 +16,7 @@ from mlx_lm import load as mlx_load
 from mlx_lm import stream_generate
 
 from flashmoe.errors import BudgetError
+from flashmoe.orchestrator.budget import budget_for_pool
 from flashmoe.orchestrator.engine import Engine, GenRequest
 from flashmoe.pack import pack
 from flashmoe.store import open_store
@@ -37,9 +38,10 @@ def reference_ids(path: Path, prompt, n: int) -> list[int]:
     return ids
 
 
-def quarter_budget(path: Path) -> int:
+def quarter_budget(path: Path, quarters: int = 1) -> int:
     store = open_store(path)
-    return max(store.expert_bytes_total() * 2 // 4, 1)  # f32 cache of bf16/4-bit records
+    pool = max(store.expert_bytes_total() * 2 * quarters // 4, 1)  # f32 cache of bf16/4-bit
+    return budget_for_pool(store, pool, mx.float32)
 
 
 def engine_ids(path: Path, budget: int, **req) -> tuple[list[int], dict]:
@@ -335,7 +337,7 @@ def test_prefetch_guesses_fill_idle_disk_time(models, depth, monkeypatch):
     one that is asked for is counted and holds the right expert; the rest are evicted first."""
     monkeypatch.setenv("FLASHMOE_PREFETCH_DEPTH", str(depth))
     path = models[("qwen3_moe", "mlx")]
-    with Engine(str(path), memory_budget=3 * quarter_budget(path), dtype="float32") as eng:
+    with Engine(str(path), memory_budget=quarter_budget(path, 3), dtype="float32") as eng:
         cache, t, st = eng.cache, eng.cache.table, eng.cache.stats
         l0, l1 = eng.store.moe_layers[:2]
         cache.release(cache.acquire(l0, [0, 1, 2]))
@@ -393,7 +395,7 @@ def test_guesses_stay_pinned_until_their_layer(models, monkeypatch):
     forward pass unpins whatever is left of the last one."""
     monkeypatch.setenv("FLASHMOE_PREFETCH_DEPTH", "4")
     path = models[("qwen3_moe", "mlx")]
-    with Engine(str(path), memory_budget=3 * quarter_budget(path), dtype="float32") as eng:
+    with Engine(str(path), memory_budget=quarter_budget(path, 3), dtype="float32") as eng:
         cache, t, st = eng.cache, eng.cache.table, eng.cache.stats
         l0, l1, l2, l3 = eng.store.moe_layers[:4]
 
@@ -428,7 +430,7 @@ def test_late_guesses_wait_for_the_demanded_loads(models, monkeypatch):
     only once the disk has nothing demanded left to read."""
     monkeypatch.setenv("FLASHMOE_PREFETCH_DEPTH", "4")
     path = models[("qwen3_moe", "mlx")]
-    with Engine(str(path), memory_budget=3 * quarter_budget(path), dtype="float32") as eng:
+    with Engine(str(path), memory_budget=quarter_budget(path, 3), dtype="float32") as eng:
         cache, t = eng.cache, eng.cache.table
         l0, l1, l2 = eng.store.moe_layers[:3]
         p = cache.begin(l0, [0, 1])  # two demanded loads in flight
@@ -504,7 +506,7 @@ def test_long_prompt_overlaps_and_stays_exact(models):
     path = models[("qwen3_moe", "mlx")]
     prompt = " ".join(f"word{i} and more" for i in range(40))
     want = reference_ids(path, prompt, 8)
-    with Engine(str(path), memory_budget=quarter_budget(path) * 2, dtype="float32") as eng:
+    with Engine(str(path), memory_budget=quarter_budget(path, 2), dtype="float32") as eng:
         list(eng.generate(GenRequest(id="warm", prompt=prompt[:200], max_tokens=2)))
         got = [t for c in eng.generate(GenRequest(id="l", prompt=prompt, max_tokens=8))
                for t in c.token_ids]
@@ -518,7 +520,7 @@ def test_cold_prefill_computes_experts_as_they_land(models):
     path = models[("deepseek_v3", "packed")]
     prompt = " ".join(f"token{i}" for i in range(30))
     want = reference_ids(models[("deepseek_v3", "hf")], prompt, 6)
-    with Engine(str(path), memory_budget=quarter_budget(path) * 2, dtype="float32",
+    with Engine(str(path), memory_budget=quarter_budget(path, 2), dtype="float32",
                 workers=2) as eng:
         got = [t for c in eng.generate(GenRequest(id="c", prompt=prompt, max_tokens=6))
                for t in c.token_ids]
