@@ -14,12 +14,14 @@ backend; on a GPU it overlaps part of the reads, so there the forecast leans low
 - copies: a record from staging into cache arrays of the compute dtype;
 - misses: ``layers * top_k * (1 - hit_rate)`` records per token.
 
-The hit rate is the expert cache's (least recently used, over all layers). Without a trace, the
-routing is taken as independent and uniform over a layer's experts, which gives a hit rate equal
-to the share of the model's experts the cache holds: exactly what random-weight checkpoints do
-and a floor for trained ones, whose routing reuses experts. ``--trace`` replays a recorded
-routing (``bench decode --trace-out``, or a CSV ``turn,phase,step,layer,slot,expert,...`` as
-published for real models) through an LRU cache holding the same share of its experts.
+The hit rate is the expert cache's (least recently used, over all layers), found by replaying
+routing through an LRU of the engine's slot count. Without a trace, the routing is taken as
+independent and uniform over a layer's experts: nothing in a checkpoint's index says more, it is
+close to what random-weight checkpoints do, and a floor for trained ones, whose routing reuses
+experts (on the published Qwen3-30B-A3B trace an LRU of 10 % of the experts hits about half the
+lookups, uniform routing a tenth). ``--trace`` replays a recorded routing instead
+(``bench decode --trace-out``, or a CSV ``turn,phase,step,layer,slot,expert,...`` as published
+for real models), with the cache holding the same share of its experts.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ from flashmoe.store import RECORD_ALIGN, open_store
 MODEL_MARGIN = 0.15
 MAX_MARGIN = 0.30
 DECODE_REPEATS = 8
+# Decode steps are timed for this long at least: on a shared machine the load changes from
+# second to second, and a longer window sees more of it (and its spread widens the band).
+DECODE_SECONDS = 4.0
+UNIFORM_TOKENS = 96  # decode tokens of the uniform routing replayed through the LRU
 SMALL_VOCAB = 32768  # the measured model's vocabulary at most (its output head is scaled up)
 
 
@@ -105,8 +111,8 @@ def _quantize(model: nn.Module, dense_q: dict | None, expert_q: dict | None) -> 
     nn.quantize(model, class_predicate=predicate)
 
 
-def _banks(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(parent module, attribute) of every expert bank."""
+def _banks(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent module, attribute, bank) of every expert bank."""
     out = []
     for path, module in model.named_modules():
         if path.endswith("switch_mlp"):
@@ -171,17 +177,18 @@ def _time_layers(model: nn.Module) -> list[float]:
     raise FlashMoeError("fit: cannot find the model's decoder layers")
 
 
-def _steps(model: nn.Module, spent: list[float], tokens: int, repeats: int,
-           vocab: int) -> tuple[list[float], list[float]]:
-    """Per repeat: seconds in the decoder layers and outside them, for a step of ``tokens``
-    random tokens after a 16-token context."""
+def _steps(model: nn.Module, spent: list[float], tokens: int, repeats: int, vocab: int,
+           seconds: float = 0.0) -> tuple[list[float], list[float]]:
+    """Per repeat (at least ``repeats``, for at least ``seconds``): seconds in the decoder
+    layers and outside them, for a step of ``tokens`` random tokens after a 16-token context."""
     from mlx_lm.models.cache import make_prompt_cache
 
     rng = np.random.default_rng(0)
     cache = make_prompt_cache(model)
     mx.eval(model(mx.array(rng.integers(0, vocab, (1, 16))), cache=cache))
     layers, rest = [], []
-    for _ in range(repeats + 1):
+    end = time.perf_counter() + seconds
+    while len(layers) <= repeats or time.perf_counter() < end:
         ids = mx.array(rng.integers(0, vocab, (1, tokens)))
         if tokens > 1:
             cache = make_prompt_cache(model)
@@ -212,7 +219,7 @@ def measure_compute(store, dtype: mx.Dtype, prefill_tokens: int = 64) -> Compute
     full_vocab = int(B._text(store.config)["vocab_size"])
     vocab = min(full_vocab, SMALL_VOCAB)
     head = full_vocab / vocab  # the output head's share of the rest grows with the vocabulary
-    layers, rest = _steps(model, spent, 1, DECODE_REPEATS, vocab)
+    layers, rest = _steps(model, spent, 1, DECODE_REPEATS, vocab, DECODE_SECONDS)
     per_step = [head * r + scale * lt for lt, r in zip(layers, rest, strict=True)]
     q = statistics.quantiles(per_step, n=4)
     decode = statistics.median(per_step)
@@ -356,26 +363,38 @@ def lru_hit_rate(calls: list[tuple[int, list[int]]], slots: int, warm_calls: int
     return hits / total if total else 1.0
 
 
-def hit_rate_model(trace: str | None):
-    """A function ``share of the model's experts cached -> hit rate`` (module docstring)."""
+def uniform_calls(layers: int, experts: int, k: int, tokens: int = UNIFORM_TOKENS,
+                  seed: int = 0) -> list[tuple[int, list[int]]]:
+    """Decode routing that picks each layer's ``k`` experts uniformly at random, token by
+    token, layer after layer."""
+    rng = np.random.default_rng(seed)
+    return [(layer, rng.choice(experts, k, replace=False).tolist())
+            for _ in range(tokens) for layer in range(layers)]
+
+
+def hit_rate_model(trace: str | None, layers: int, experts: int, k: int):
+    """A function ``share of the model's experts cached -> hit rate``, and its name (module
+    docstring). Uniform routing is replayed through the LRU too rather than taken as the share
+    cached: where a token's lookups outnumber the slots, LRU evicts each expert just before
+    its layer comes round again (8 experts, top-2, 6 layers, 10 slots: no hits at all)."""
     if trace is None:
-        return lambda share: min(1.0, share), "uniform routing (hit rate = share cached)"
-    calls, warm = read_route_trace(trace)
-    keys = {(layer, e) for layer, ex in calls for e in ex}
-    layers = len({layer for layer, _ in calls})
-    experts = max(e for _, ex in calls for e in ex) + 1
-    total = layers * experts
+        calls, warm = uniform_calls(layers, experts, k), UNIFORM_TOKENS // 4 * layers
+        name = "uniform routing through the LRU cache"
+    else:
+        calls, warm = read_route_trace(trace)
+        layers = len({layer for layer, _ in calls})
+        experts = max(e for _, ex in calls for e in ex) + 1
+        name = f"LRU over the trace {Path(trace).name} ({len(calls)} calls)"
+    keys = len({(layer, e) for layer, ex in calls for e in ex})
     memo: dict[int, float] = {}
 
     def rate(share: float) -> float:
-        slots = max(1, round(share * total))
-        if slots >= len(keys):
-            slots = len(keys)
+        slots = min(max(1, round(share * layers * experts)), keys)
         if slots not in memo:
             memo[slots] = lru_hit_rate(calls, slots, warm)
         return memo[slots]
 
-    return rate, f"LRU over the trace {Path(trace).name} ({len(calls)} calls)"
+    return rate, name
 
 
 # -- the forecast --------------------------------------------------------------------------------
@@ -432,11 +451,11 @@ def recommend(store, base_fixed: int, min_pool: int, compute: ComputeRate, io: I
     layers, k, E = len(store.moe_layers), store.top_k, store.num_experts
     rec = cache_record_bytes(store.layout, dtype)
     stage = min_pool - k * rec
-    for pct in range(1, 101):
+    for pct in range(5, 101, 5):
         parts = decode_seconds(compute, io, layers, k, hit_of(pct / 100))
         if parts["io_s"] + parts["copy_s"] <= compute.decode_s / 4 or pct == 100:
             slots = max(k, math.ceil(pct / 100 * layers * E))
-            return base_fixed + slots * rec + 16 * stage
+            return base_fixed + slots * rec + min(E, 4 * k) * stage
     raise AssertionError("unreachable")
 
 
@@ -478,9 +497,14 @@ def fit(model: str, budget: str | int | None, context: int | None, trace: str | 
     out.update(fits=fits, context=ctx, kv_bytes=kv.bytes_at(ctx),
                workspace_bytes=B.prefill_workspace(store.config, ctx, dtype.size),
                min_expert_cache=min_pool, min_budget=fixed + min_pool)
+    t1 = time.perf_counter()
     compute = measure_compute(store, dtype)
+    t2 = time.perf_counter()
     io = measure_io(store, settings, io_seconds, dtype)
-    hit_of, hit_model = hit_rate_model(trace)
+    out["measure_s"] = dict(index_and_kv=t1 - t0, compute=t2 - t1,
+                            io=time.perf_counter() - t2)
+    hit_of, hit_model = hit_rate_model(trace, len(store.moe_layers), store.num_experts,
+                                       store.top_k)
     out.update(hit_model=hit_model, disk_bytes_per_s=io.bytes_per_s,
                read_latency_s=io.latency_s, copy_s_per_record=io.copy_s,
                recommended_budget=recommend(store, fixed, min_pool, compute, io, hit_of, dtype))
