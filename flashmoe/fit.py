@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import statistics
 import time
@@ -516,6 +517,8 @@ def fit(model: str, budget: str | int | None, context: int | None, trace: str | 
                    decode_tokens_per_s=None)
     store.close()
     out["fit_seconds"] = time.perf_counter() - t0
+    out["load_average"] = os.getloadavg()[0]
+    out["cpus"] = os.cpu_count() or 1
     return out
 
 
@@ -554,6 +557,9 @@ def _table(d: dict) -> str:
             ("prefill", f"{d['prefill_tokens_per_s']:.1f} tok/s for {d['context']} tokens"),
         ]
     rows.append(("fit took", f"{d['fit_seconds']:.1f} s"))
+    if d["load_average"] > d["cpus"]:
+        rows.append(("warning", f"load average {d['load_average']:.1f} on {d['cpus']} CPUs: "
+                                "timings taken on a busy machine vary beyond the band"))
     return "\n".join(f"{k + ':':<22}{v}" for k, v in rows)
 
 
