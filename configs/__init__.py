@@ -65,6 +65,8 @@ class Settings:
     worker_start_timeout_s: float = 30.0
     socket: str = ""
     max_prompt_tokens: int = 32768
+    max_context: str = "auto"
+    kv_bits: int = 0
     max_tokens_limit: int = 32768
     max_message_bytes: int = 4194304
     max_queued_requests: int = 64
@@ -81,7 +83,7 @@ ON_WORDS = ("1", "true", "yes", "on")
 OFF_WORDS = ("0", "false", "no", "off")
 
 # Settings that are counts with a floor: a value below it is a mistake, not a request.
-_AT_LEAST = {"prefetch_top": 0, "prefetch_depth": 1, "prefetch_threads": 0}
+_AT_LEAST = {"prefetch_top": 0, "prefetch_depth": 1, "prefetch_threads": 0, "kv_bits": 0}
 
 
 def load_settings(path: str | os.PathLike | None = None) -> Settings:

@@ -30,6 +30,7 @@ COMMANDS = {
     "synth": "flashmoe.synth:cmd_synth",
     "pack": "flashmoe.pack:cmd_pack",
     "inspect": "flashmoe.store:cmd_inspect",
+    "fit": "flashmoe.fit:cmd_fit",
     "run": "flashmoe.orchestrator.run:cmd_run",
     "bench": "flashmoe.bench:cmd_bench",
     "generate": "flashmoe.client_cli:cmd_generate",
@@ -85,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a checkpoint or store")
     p.add_argument("model", help="checkpoint or packed store directory, or a Hugging Face repo id")
     p.add_argument("--memory-budget", type=size, help="also show what this budget buys")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("fit", help="will MODEL run here within a budget, and how fast")
+    p.add_argument("model", help="checkpoint or packed store directory, or a Hugging Face repo id")
+    p.add_argument("--memory-budget", type=size, metavar="SIZE",
+                   help="everything flashmoe holds: bytes, 6GiB, ... (default: the memory "
+                   "available now)")
+    p.add_argument("--context", type=positive_int, help="context tokens (default: the longest "
+                   "the budget holds, up to 32768)")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantized KV cache")
+    p.add_argument("--trace", help="routing trace for the hit rate (bench decode --trace-out)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("run", help="generate in the foreground with streamed experts")

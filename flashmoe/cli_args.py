@@ -108,7 +108,8 @@ def engine_args(p: argparse.ArgumentParser, lanes_flag: bool = True) -> None:
     p.add_argument("--model", required=True,
                    help="checkpoint or packed store directory, or a Hugging Face repo id")
     p.add_argument("--memory-budget", type=size, metavar="SIZE",
-                   help="expert pool size: bytes, 512MiB, 2GiB, 4G (default: auto)")
+                   help="everything flashmoe holds (dense weights, KV cache, expert pool): "
+                   "bytes, 512MiB, 2GiB, 4G (default: auto)")
     p.add_argument("--workers", type=workers, help="loader worker processes (default: 2)")
     p.add_argument("--threads", type=threads, dest="io_threads",
                    help="I/O threads per worker (default: 8)")
@@ -116,6 +117,11 @@ def engine_args(p: argparse.ArgumentParser, lanes_flag: bool = True) -> None:
                    help="compute dtype (default: auto, the checkpoint's own; float32 on a CPU)")
     p.add_argument("--experts-per-token", type=positive_int, metavar="K",
                    help="override the model's top-k (at most its expert count)")
+    p.add_argument("--max-context", type=positive_int, metavar="N",
+                   help="tokens (prompt + generated) the KV cache is sized for (default: auto, "
+                   "chosen from the budget)")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], help="mlx-lm's quantized KV cache "
+                   "(default: off)")
     if lanes_flag:
         p.add_argument("--lanes", type=lanes,
                        help="compute lanes: threads sharing one expert cache (default: auto)")

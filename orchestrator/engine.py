@@ -21,7 +21,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import psutil
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
@@ -29,6 +28,7 @@ from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 from flashmoe.banks import find_banks
 from flashmoe.configs import OFF_WORDS, ON_WORDS, ConfigError, Settings, load_settings, parse_size
 from flashmoe.errors import CheckpointError, FlashMoeError
+from flashmoe.orchestrator.budget import check_request, kv_args, plan_for_engine
 from flashmoe.orchestrator.cache import ExpertCache
 from flashmoe.orchestrator.cuda_copy import make_copier
 from flashmoe.orchestrator.loaders import LoaderPool
@@ -142,11 +142,6 @@ def make_loader(s: Settings, pool: ExpertPool) -> LoaderPool:
                       start_timeout_s=s.worker_start_timeout_s, load_timeout_s=s.load_timeout_s)
 
 
-def default_budget(settings: Settings, dense_bytes: int) -> int:
-    avail = psutil.virtual_memory().available
-    return max(0, int((avail - dense_bytes) * settings.auto_budget_fraction))
-
-
 class Engine:
     """A loaded model with streamed experts. See the module docstring."""
 
@@ -154,12 +149,14 @@ class Engine:
                  memory_budget: str | int | None = None, workers: int | None = None,
                  io_threads: int | None = None, dtype: str | None = None,
                  experts_per_token: int | None = None, max_batch: int = 8,
-                 lanes: str | int | None = None):
+                 lanes: str | int | None = None, max_context: int | str | None = None,
+                 kv_bits: int | None = None):
         self.max_batch = max_batch
         self.settings = s = (settings or load_settings()).with_overrides(
             memory_budget=None if memory_budget is None else str(memory_budget),
             workers=workers, io_threads=io_threads, dtype=dtype,
-            lanes=None if lanes is None else str(lanes))
+            lanes=None if lanes is None else str(lanes),
+            max_context=None if max_context is None else str(max_context), kv_bits=kv_bits)
         self.model_path = Path(model)
         self.model_name = self.model_path.name
         self.store = open_store(self.model_path)
@@ -168,9 +165,11 @@ class Engine:
         if not 1 <= top_k <= self.store.num_experts:
             raise FlashMoeError(f"--experts-per-token must be in 1..{self.store.num_experts} "
                                 f"(the model's expert count), got {top_k}")
-        budget = (default_budget(s, self.store.dense_bytes()) if s.memory_budget == "auto"
-                  else parse_size(s.memory_budget))
-        self.plan = plan_for(self.store, s, budget, self.compute_dtype, top_k)
+        cast = s.dtype != "auto" or self.compute_dtype != _checkpoint_dtype(self.store.config)
+        bp = self.budget_plan = plan_for_engine(self.store, s.memory_budget, self.compute_dtype,
+                                                cast, s)
+        self.max_context, budget = bp.max_context, bp.budget
+        self.plan = plan_for(self.store, s, bp.pool_bytes, self.compute_dtype, top_k)
         self.budget = budget
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -248,6 +247,7 @@ class Engine:
             raise RequestError("the prompt is empty", "prompt")
         if len(ids) > limit:
             raise RequestError(f"prompt longer than {limit} tokens", "prompt")
+        check_request(len(ids), req.max_tokens, self.max_context)
         req.tokens = ids
         return ids
 
@@ -298,7 +298,8 @@ class Engine:
         finish = "length"
         try:
             for token, logprobs in generate_step(mx.array(prompt), self.model,
-                                                 max_tokens=req.max_tokens, sampler=sampler):
+                                                 max_tokens=req.max_tokens, sampler=sampler,
+                                                 **kv_args(self.settings.kv_bits, self.config)):
                 if t_first is None:
                     t_first = time.perf_counter()
                 check_finite(logprobs, token, len(ids))
@@ -352,6 +353,7 @@ class Engine:
             "cache_slots": self.plan.cache_slots,
             "staging_slots": self.plan.staging_slots,
             "dense_bytes": self.dense_bytes,
+            "max_context": self.max_context,
             "peak_rss_bytes": _peak_rss(),
             "zero_copy": False,
             "dtype": str(self.compute_dtype).split(".")[-1],
@@ -395,6 +397,8 @@ class Engine:
             "dtype": str(self.compute_dtype).split(".")[-1],
             "pool_bytes": self.plan.nbytes,
             "budget_bytes": self.budget,
+            "max_context": self.max_context,
+            "kv_bytes": self.budget_plan.kv_bytes,
             "cache_slots": self.plan.cache_slots,
             "cache_slots_ready": ready,
             "lanes": self.lanes,

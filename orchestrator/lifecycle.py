@@ -54,6 +54,8 @@ ENGINE_FLAGS = (
     ("--dtype", "dtype", "dtype"),
     ("--experts-per-token", "experts_per_token", "experts_per_token"),
     ("--lanes", "lanes", "lanes"),
+    ("--max-context", "max_context", "max_context"),
+    ("--kv-bits", "kv_bits", "kv_bits"),
 )
 
 

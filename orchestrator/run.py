@@ -26,7 +26,8 @@ def cmd_run(args) -> int:
     with loading(args.model):
         engine = Engine(os.path.abspath(args.model), memory_budget=args.memory_budget,
                         workers=args.workers, io_threads=args.io_threads, dtype=args.dtype,
-                        experts_per_token=args.experts_per_token)
+                        experts_per_token=args.experts_per_token, max_context=args.max_context,
+                        kv_bits=args.kv_bits)
     with engine:
         try:
             engine.validate(req)
@@ -53,7 +54,8 @@ def cmd_run(args) -> int:
         f"{format_size(stats['bytes_read'])}, pool {format_size(stats['pool_bytes'])} "
         f"({stats['cache_slots']} cache + {stats['staging_slots']} staging slots), dense "
         f"{format_size(stats['dense_bytes'])}, peak RSS {format_size(stats['peak_rss_bytes'])}, "
-        f"dtype {stats['dtype']}, zero-copy {stats['zero_copy']}",
+        f"dtype {stats['dtype']}, zero-copy {stats['zero_copy']}, context limit "
+        f"{stats['max_context']} tokens",
         file=sys.stderr,
     )
     return 0

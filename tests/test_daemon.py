@@ -288,12 +288,12 @@ def _running(daemon: Daemon) -> int:
 def test_closed_stream_and_gone_client_are_cancelled(daemon: Daemon) -> None:
     with daemon.client() as c:
         before = c.status()
-        stream = c.generate(PROMPTS[0], max_tokens=20000, stream=True)
+        stream = c.generate(PROMPTS[0], max_tokens=480, stream=True)
         next(stream)
         stream.close()  # sends Cancel
         wait_for(lambda: _running(daemon) == 0, 10, "the closed stream to be cancelled")
         t0 = time.monotonic()
-        stream = c.generate(PROMPTS[1], max_tokens=20000, stream=True)
+        stream = c.generate(PROMPTS[1], max_tokens=480, stream=True)
         next(stream)
         del stream  # garbage-collected: cancelled too
         wait_for(lambda: _running(daemon) == 0, 10, "the dropped stream to be cancelled")
@@ -303,7 +303,7 @@ def test_closed_stream_and_gone_client_are_cancelled(daemon: Daemon) -> None:
         assert after["requests_served"] == before["requests_served"]
     # A raw peer that vanishes without a Cancel: the daemon notices when a token cannot be sent.
     sock = sockets.dealer(daemon.paths.endpoint)
-    sock.send_multipart(encode(Generate(id="gone", prompt="hi", max_tokens=20000)))
+    sock.send_multipart(encode(Generate(id="gone", prompt="hi", max_tokens=480)))
     assert sockets.recv_with_timeout(sock, 10) is not None
     sock.close(linger=0)
     wait_for(lambda: _running(daemon) == 0, 10, "the vanished client's request to be cancelled")
@@ -408,14 +408,14 @@ def test_stale_files_are_removed_and_sigkill_mid_request_raises(tiny_model: Path
         def blocking() -> None:
             try:
                 with d.client(timeout=60) as c:
-                    c.generate(PROMPTS[1], max_tokens=20000)
+                    c.generate(PROMPTS[1], max_tokens=480)
             except Exception as e:
                 errors.append(e)
 
         t = threading.Thread(target=blocking)
         t.start()
         with d.client(timeout=60) as c:
-            stream = c.generate(PROMPTS[0], max_tokens=20000, stream=True)
+            stream = c.generate(PROMPTS[0], max_tokens=480, stream=True)
             next(stream)
             os.kill(d.proc.pid, signal.SIGKILL)
             t0 = time.monotonic()

@@ -15,6 +15,7 @@ from mlx_lm import load as mlx_load
 from mlx_lm import stream_generate
 
 from flashmoe.errors import BudgetError
+from flashmoe.orchestrator.budget import budget_for_pool
 from flashmoe.orchestrator.engine import Engine, GenRequest
 from flashmoe.pack import pack
 from flashmoe.store import open_store
@@ -36,9 +37,10 @@ def reference_ids(path: Path, prompt, n: int) -> list[int]:
     return ids
 
 
-def quarter_budget(path: Path) -> int:
+def quarter_budget(path: Path, quarters: int = 1) -> int:
     store = open_store(path)
-    return max(store.expert_bytes_total() * 2 // 4, 1)  # f32 cache of bf16/4-bit records
+    pool = max(store.expert_bytes_total() * 2 * quarters // 4, 1)  # f32 cache of bf16/4-bit
+    return budget_for_pool(store, pool, mx.float32)
 
 
 def engine_ids(path: Path, budget: int, **req) -> tuple[list[int], dict]:
@@ -265,7 +267,7 @@ def test_long_prompt_overlaps_and_stays_exact(models):
     path = models[("qwen3_moe", "mlx")]
     prompt = " ".join(f"word{i} and more" for i in range(40))
     want = reference_ids(path, prompt, 8)
-    with Engine(str(path), memory_budget=quarter_budget(path) * 2, dtype="float32") as eng:
+    with Engine(str(path), memory_budget=quarter_budget(path, 2), dtype="float32") as eng:
         list(eng.generate(GenRequest(id="warm", prompt=prompt[:200], max_tokens=2)))
         got = [t for c in eng.generate(GenRequest(id="l", prompt=prompt, max_tokens=8))
                for t in c.token_ids]
@@ -279,7 +281,7 @@ def test_cold_prefill_computes_experts_as_they_land(models):
     path = models[("deepseek_v3", "packed")]
     prompt = " ".join(f"token{i}" for i in range(30))
     want = reference_ids(models[("deepseek_v3", "hf")], prompt, 6)
-    with Engine(str(path), memory_budget=quarter_budget(path) * 2, dtype="float32",
+    with Engine(str(path), memory_budget=quarter_budget(path, 2), dtype="float32",
                 workers=2) as eng:
         got = [t for c in eng.generate(GenRequest(id="c", prompt=prompt, max_tokens=6))
                for t in c.token_ids]
