@@ -106,8 +106,31 @@ class KVShape:
 
 
 def measure_kv(config: dict, dtype: mx.Dtype, kv_bits: int | None = None) -> KVShape:
-    """Measure the KV cache per token: the caches of 256 and 512 tokens (see the module
-    docstring; a first call of a whole number of 256-token steps allocates exactly that)."""
+    """The KV cache per token, measured on a one-period model of this shape; where such a model
+    cannot be built or run (a layer pattern it does not reproduce), the plain attention bound."""
+    try:
+        return _measure_kv(config, dtype, kv_bits)
+    except Exception:  # the measurement is a refinement; the bound below is never smaller
+        return attention_kv_bound(config, dtype, kv_bits)
+
+
+def attention_kv_bound(config: dict, dtype: mx.Dtype, kv_bits: int | None = None) -> KVShape:
+    """Keys and values of every layer for every token, as plain multi-head attention stores
+    them (quantized: ``kv_bits`` per element plus a scale and a bias per group)."""
+    tc = _text(config)
+    heads = int(tc.get("num_key_value_heads") or tc.get("num_attention_heads") or 1)
+    dim = int(tc.get("head_dim") or tc["hidden_size"] // int(tc.get("num_attention_heads") or 1))
+    elements = 2 * int(tc["num_hidden_layers"]) * heads * dim
+    if kv_bits:
+        per_token = elements * kv_bits / 8 + elements / kv_group_size(config) * 2 * dtype.size
+    else:
+        per_token = elements * dtype.size
+    return KVShape(per_token, 0, kv_bits)
+
+
+def _measure_kv(config: dict, dtype: mx.Dtype, kv_bits: int | None) -> KVShape:
+    """The caches of 256 and 512 tokens of a one-period model (see the module docstring; a
+    first call of a whole number of 256-token steps allocates exactly that)."""
     from mlx_lm.generate import maybe_quantize_kv_cache
     from mlx_lm.models.cache import make_prompt_cache
 

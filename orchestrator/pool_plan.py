@@ -54,15 +54,22 @@ def describe_pool(store, settings: Settings, budget: int, dtype: mx.Dtype,
 def inspect_budget(store, budget_text: str) -> tuple[dict, list[tuple[str, str]]]:
     """``flashmoe inspect --memory-budget``: the plan as a dict and as rows to print."""
     from flashmoe.configs import format_size, load_settings, parse_size
-    from flashmoe.orchestrator.engine import resolve_dtype
+    from flashmoe.orchestrator.budget import plan_for_engine
+    from flashmoe.orchestrator.engine import _checkpoint_dtype, resolve_dtype
 
     settings = load_settings()
-    d = describe_pool(store, settings, parse_size(budget_text),
-                      resolve_dtype(settings.dtype, store.config))
+    dtype = resolve_dtype(settings.dtype, store.config)
+    cast = settings.dtype != "auto" or dtype != _checkpoint_dtype(store.config)
+    bp = plan_for_engine(store, parse_size(budget_text), dtype, cast, settings)
+    d = describe_pool(store, settings, bp.pool_bytes, dtype)
+    d.update(memory_budget=bp.budget, dense_bytes=bp.dense_bytes, max_context=bp.max_context)
     widened = d["cache_record_bytes"] - store.layout.nbytes
     guesses = " and prefetch guess" if _prefetch_on(settings) else ""
     rows = [
-        ("memory budget", f"{d['memory_budget']:,} ({format_size(d['memory_budget'])})"),
+        ("memory budget", f"{d['memory_budget']:,} ({format_size(d['memory_budget'])}), of it "
+                          f"{format_size(d['pool_bytes'])} expert pool, "
+                          f"{format_size(d['dense_bytes'])} dense weights, KV cache for "
+                          f"{d['max_context']:,} tokens"),
         ("cache slots", f"{d['cache_slots']:,} ({d['cached_share']:.1%} of the experts), "
                         f"{d['cache_record_bytes']:,} B each in {d['dtype']}"
                         + (f" ({widened:,} B widened)" if widened > 0 else "")),

@@ -25,6 +25,7 @@ from mlx_lm import stream_generate
 
 from flashmoe.errors import BudgetError
 from flashmoe.orchestrator import engine, streamed
+from flashmoe.orchestrator.budget import budget_for_pool
 from flashmoe.orchestrator.cache import PoolPlan, cache_record_bytes
 from flashmoe.orchestrator.engine import Engine, GenRequest
 from flashmoe.store import RECORD_ALIGN, open_store
@@ -57,7 +58,8 @@ def mlx_lm_ids(path, n: int = N_TOKENS) -> list[int]:
 
 
 def quarter_budget(path) -> int:
-    return open_store(path).expert_bytes_total() * 2 // 4  # a float32 cache of bf16 records
+    store = open_store(path)  # a float32 cache of a quarter of the bf16 records
+    return budget_for_pool(store, store.expert_bytes_total() * 2 // 4, mx.float32)
 
 
 @pytest.fixture
@@ -149,7 +151,7 @@ def tight_plan(path, extra_records: int, staging: int, monkeypatch) -> int:
     stage = -(-store.layout.nbytes // RECORD_ALIGN) * RECORD_ALIGN
     plan = PoolPlan(store.top_k + extra_records, staging, rec, stage)
     monkeypatch.setattr(engine, "plan_for", lambda *a, **k: plan)
-    return plan.nbytes
+    return budget_for_pool(store, plan.nbytes, mx.float32)
 
 
 def run_slowed(path, budget: int, seed: int) -> tuple[list[int], Engine]:

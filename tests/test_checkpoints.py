@@ -19,6 +19,7 @@ from mlx_lm import stream_generate
 
 from flashmoe.cli import main
 from flashmoe.errors import CheckpointError
+from flashmoe.orchestrator.budget import budget_for_pool
 from flashmoe.orchestrator.engine import Engine, GenRequest
 from flashmoe.pack import pack
 from flashmoe.store import open_store, read_safetensors_header
@@ -42,7 +43,8 @@ def reference_ids(path: Path, n: int = N_TOKENS) -> list[int]:
 
 def streamed_ids(path: Path | str, n: int = N_TOKENS) -> list[int]:
     store = open_store(path)
-    budget = max(store.expert_bytes_total() * 2 // 4, 1)  # f32 cache of bf16 / 4-bit records
+    pool = max(store.expert_bytes_total() * 2 // 4, 1)  # f32 cache of bf16 / 4-bit records
+    budget = budget_for_pool(store, pool, mx.float32)
     with Engine(str(path), memory_budget=budget, workers=1, dtype="float32") as eng:
         ids, stats = [], {}
         for c in eng.generate(GenRequest(id="t", max_tokens=n, prompt=PROMPT)):

@@ -33,7 +33,7 @@ def test_run_killed_mid_generation_leaves_nothing(tiny_model: Path) -> None:
     sig = signal.SIGTERM
     proc = subprocess.Popen(
         [sys.executable, "-m", "flashmoe.cli", "run", "--model", str(tiny_model), "--prompt",
-         "Once upon a time", "--max-tokens", "20000", "--memory-budget", "600KiB"],
+         "Once upon a time", "--max-tokens", "240", "--memory-budget", "1600KiB"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:

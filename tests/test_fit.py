@@ -100,6 +100,6 @@ def test_fit_too_small_and_bad_input(tiny, capsys):
     assert d["fits"] is False and "too small" in d["why_not"]
     assert d["decode_tokens_per_s"] is None and d["min_budget"] > 100000
     assert main(["fit", str(tiny), "--context", "0"]) == 2
-    assert "--context must be >= 1" in capsys.readouterr().err
+    assert "--context: 0 is out of range" in capsys.readouterr().err
     assert main(["fit", str(tiny / "nope")]) == 2
     assert main(["fit", str(tiny), "--memory-budget", "lots"]) == 2

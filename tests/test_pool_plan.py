@@ -18,15 +18,15 @@ def test_inspect_shows_the_plan_the_engine_makes(model, capsys, monkeypatch):
 
     monkeypatch.setenv("FLASHMOE_WORKERS", "1")
     monkeypatch.setenv("FLASHMOE_IO_THREADS", "3")
-    assert main(["inspect", str(model), "--memory-budget", "2MiB", "--json"]) == 0
+    assert main(["inspect", str(model), "--memory-budget", "4MiB", "--json"]) == 0
     pool = json.loads(capsys.readouterr().out)["pool"]
     assert pool["staging_slots"] == 3  # one per I/O thread: prefetch is off on the CPU
-    assert pool["pool_bytes"] <= 2 << 20
-    with Engine(str(model), memory_budget="2MiB") as eng:
+    assert pool["pool_bytes"] <= 4 << 20
+    with Engine(str(model), memory_budget="4MiB") as eng:
         assert eng.plan.cache_slots == pool["cache_slots"]
         assert eng.plan.staging_slots == pool["staging_slots"]
         assert eng.plan.nbytes == pool["pool_bytes"]
-    assert main(["inspect", str(model), "--memory-budget", "2MiB"]) == 0
+    assert main(["inspect", str(model), "--memory-budget", "4MiB"]) == 0
     out = capsys.readouterr().out
     assert f"cache slots:         {pool['cache_slots']}" in out and "staging slots:" in out
 

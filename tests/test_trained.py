@@ -13,6 +13,7 @@ import pytest
 from mlx_lm import load as mlx_load
 from mlx_lm import stream_generate
 
+from flashmoe.orchestrator.budget import budget_for_pool
 from flashmoe.orchestrator.engine import Engine, GenRequest
 from flashmoe.store import open_store
 
@@ -41,7 +42,8 @@ def reference_ids(prompt: str, dtype: mx.Dtype | None) -> list[int]:
 
 
 def below_expert_bytes() -> int:
-    return open_store(MODEL).expert_bytes_total() // 3
+    store = open_store(MODEL)  # an expert pool of a third of the expert bytes
+    return budget_for_pool(store, store.expert_bytes_total() // 3, mx.float32)
 
 
 def engine_ids(prompt: str, dtype: str) -> tuple[list[int], dict]:
