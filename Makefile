@@ -21,7 +21,7 @@ DEMO_PROMPT := import os\n\n\ndef read_lines(path):\n
 demo: $(STAMP)
 	$(BIN)/flashmoe inspect $(DEMO_MODEL)
 	@printf '\n$(DEMO_PROMPT)'
-	@$(BIN)/flashmoe run --model $(DEMO_MODEL) --memory-budget 4MiB --max-tokens 80 \
+	@$(BIN)/flashmoe run --model $(DEMO_MODEL) --memory-budget 9MiB --max-tokens 80 \
 		--temperature 0.7 --top-p 0.95 --seed 2 --prompt "$$(printf '$(DEMO_PROMPT)')"
 
 test: $(STAMP)
