@@ -13,15 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import loader_workers, shm_segments
-from test_daemon import Daemon, short_dir, tiny_model, wait_for
+from support import Daemon, loader_workers, shm_segments, short_dir, wait_for
 
 from flashmoe.errors import RuntimeFileError
 from flashmoe.orchestrator import lifecycle
 from flashmoe.protocol import sockets
 from flashmoe.protocol.client import DaemonPaths
-
-__all__ = ["tiny_model"]
 
 
 def _loader_sockets(pid: int) -> list[str]:

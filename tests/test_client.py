@@ -1,7 +1,7 @@
 """The client library and the ``flashmoe generate`` / ``chat`` commands.
 
 Failure modes run against a fake daemon (a bare ROUTER that never answers); the rest against a
-real daemon on the tiny model (helpers from test_daemon.py).
+real daemon on the tiny model (its fixtures in conftest.py, helpers in support.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_daemon import CHAT, MAX_TOKENS, PROMPTS, Daemon, reference, short_dir, tiny_model
+from support import CHAT, MAX_TOKENS, PROMPTS, Daemon, short_dir
 
 import flashmoe
 from flashmoe.cli import main as cli_main
@@ -28,8 +28,6 @@ from flashmoe.protocol.client import (
     daemon_paths,
 )
 from flashmoe.protocol.messages import DAEMON_ACCEPTS, Cancel, Generate, decode
-
-__all__ = ["reference", "tiny_model"]  # fixtures shared with test_daemon.py
 
 
 @pytest.fixture(scope="module")

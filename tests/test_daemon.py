@@ -1,13 +1,11 @@
 """flashmoe-daemon as a process: a real daemon on a tiny model, compared with ``Engine.generate``.
 
-The helpers here (``tiny_model``, ``reference``, ``Daemon``) are imported by test_client.py and
-test_http.py. Every wait has a timeout; a daemon that does not come up fails the test, it never
+Every wait has a timeout; a daemon that does not come up fails the test, it never
 hangs it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -15,19 +13,29 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from support import (
+    BUDGET,
+    CHAT,
+    DAEMON,
+    MAX_TOKENS,
+    PROMPTS,
+    SAMPLED,
+    Daemon,
+    shm_segments,
+    short_dir,
+    wait_for,
+)
 
 from flashmoe.protocol import sockets
 from flashmoe.protocol.client import (
     Client,
     DaemonNotRunning,
     RequestRejected,
-    daemon_paths,
     pid_alive,
 )
 from flashmoe.protocol.messages import (
@@ -41,135 +49,6 @@ from flashmoe.protocol.messages import (
     decode,
     encode,
 )
-
-BUDGET = "8MiB"
-PROMPTS = [f"Request {i}: the quick brown fox jumps over" for i in range(8)]
-CHAT = [{"role": "user", "content": "Tell me about foxes."}]
-MAX_TOKENS = 12
-SAMPLED = {"temperature": 0.8, "top_p": 0.9, "seed": 7}
-DAEMON = [sys.executable, "-m", "flashmoe.orchestrator.daemon"]
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from flashmoe.synth import synth
-
-    return synth(tmp_path_factory.mktemp("model") / "tiny", "qwen3_moe", layout="mlx", bits=4)
-
-
-@pytest.fixture(scope="session")
-def reference(tiny_model: Path) -> dict:
-    """Token ids and text of ``Engine.generate`` (as `flashmoe run` prints) with equal settings."""
-    from flashmoe.orchestrator.engine import Engine, GenRequest
-
-    def run(engine: Engine, **kw) -> tuple[list[int], str]:
-        chunks = list(engine.generate(GenRequest(id="ref", max_tokens=MAX_TOKENS, **kw)))
-        return [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks)
-
-    with Engine(str(tiny_model), memory_budget=BUDGET, workers=1) as engine:
-        out = {p: run(engine, prompt=p) for p in PROMPTS}
-        out["chat"] = run(engine, messages=CHAT)
-        out["sampled"] = run(engine, prompt=PROMPTS[0], **SAMPLED)
-        out["name"] = engine.model_name
-        out["prompt_ids"] = engine.encode(GenRequest(id="ids", prompt=PROMPTS[2]))
-    return out
-
-
-def short_dir() -> Path:
-    # Unix socket paths are limited to ~100 bytes; pytest's tmp_path can be longer.
-    return Path(tempfile.mkdtemp(prefix="fm", dir="/tmp" if os.path.isdir("/tmp") else None))
-
-
-def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-class Daemon:
-    """A ``start --foreground`` daemon subprocess on a private socket."""
-
-    def __init__(self, model: Path, *extra: str, sock: Path | None = None):
-        self.socket = sock or short_dir() / "d.sock"
-        self.dir = self.socket.parent
-        self.paths = daemon_paths(self.socket)
-        self.stderr = open(self.dir / "stderr", "wb")
-        cmd = [
-            *DAEMON,
-            "start",
-            "--foreground",
-            "--model",
-            str(model),
-            "--socket",
-            str(self.socket),
-            "--memory-budget",
-            BUDGET,
-            "--workers",
-            "1",
-            *extra,
-        ]
-        self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr
-        )
-        self.ready_s = None
-
-    def log(self) -> str:
-        return (self.dir / "stderr").read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(DaemonNotRunning, Exception):
-                with Client(self.socket, timeout=1.0) as c:
-                    st = c.status()
-                self.ready_s = time.monotonic() - self.t0
-                return st
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"daemon not ready in {timeout} s:\n{self.log()}")
-
-    def client(self, timeout: float = 30.0) -> Client:
-        return Client(self.socket, timeout=timeout)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            with contextlib.suppress(Exception), self.client(timeout=5.0) as c:
-                c.shutdown()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def close(self) -> None:
-        self.stop()
-        self.stderr.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def daemon(tiny_model: Path):
-    d = Daemon(tiny_model)
-    d.wait_ready()
-    yield d
-    d.close()
-
-
-def shm_segments(pid: int) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith(f"flashmoe-{os.getuid()}-{pid}-")]
-
 
 # -- serving ------------------------------------------------------------------------------------
 

@@ -17,28 +17,22 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
-    SMALL_BUDGET,
-    WorkerKiller,
-    loader_workers,
-    scratch_dir,
-    shm_segments,
-)
-from test_daemon import (
+from support import (
     BUDGET,
-    DAEMON,
     MAX_TOKENS,
     PROMPTS,
+    SMALL_BUDGET,
     Daemon,
-    reference,
-    tiny_model,
+    WorkerKiller,
+    leftovers,
+    loader_workers,
+    shm_segments,
+    start_stop_cycles,
     wait_for,
 )
 
 from flashmoe.errors import LoadError
-from flashmoe.protocol.client import Client, DaemonNotRunning, RequestRejected, pid_alive
-
-__all__ = ["reference", "tiny_model"]  # fixtures shared with test_daemon.py
+from flashmoe.protocol.client import DaemonNotRunning, RequestRejected, pid_alive
 
 SHORT = "Hi"  # a prompt that routes to few experts (one token, one step)
 
@@ -333,11 +327,6 @@ def test_orphan_workers_exit_when_the_coordinator_dies_during_their_start(tmp_pa
         cleanup_stale()
 
 
-def _leftovers(runtime: Path, sock_dir: Path) -> list[str]:
-    files = sorted(os.listdir(runtime)) if runtime.exists() else []
-    return files + sorted(p for p in os.listdir(sock_dir) if not p.endswith((".log", "stderr")))
-
-
 def test_sigkilled_daemon_restarts_clean(tiny_model: Path, runtime_dir: Path) -> None:
     """SIGKILL the daemon mid-request: the client raises at once, the dead daemon's workers
     exit by themselves, the next start removes its shared memory, sockets and pid file."""
@@ -384,42 +373,11 @@ def test_sigkilled_daemon_restarts_clean(tiny_model: Path, runtime_dir: Path) ->
         new = d2.proc.pid
         assert d2.stop() == 0
         assert not shm_segments(new) and not loader_workers(new)
-        assert _leftovers(runtime_dir, d.dir) == []
+        assert leftovers(runtime_dir, d.dir) == []
     finally:
         if d2 is not None:
             d2.close()
         d.close()
-
-
-def start_stop_cycles(model: Path, runtime: Path, cycles: int) -> list[float]:
-    """``flashmoe-daemon start`` / ``stop`` (detached) ``cycles`` times; asserts each leaves
-    nothing behind in /dev/shm, the runtime directory or the socket's directory."""
-    d = scratch_dir()
-    sock = str(d / "d.sock")
-    took = []
-    try:
-        for _ in range(cycles):
-            t0 = time.monotonic()
-            args = ["--socket", sock, "--memory-budget", BUDGET, "--workers", "1"]
-            out = subprocess.run([*DAEMON, "start", "--model", str(model), *args],
-                                 capture_output=True, text=True, timeout=120)  # fmt: skip
-            assert out.returncode == 0, out.stderr
-            with Client(sock, timeout=10) as c:
-                pid = c.status()["pid"]
-            assert loader_workers(pid) and shm_segments(pid)
-            out = subprocess.run([*DAEMON, "stop", "--socket", sock],
-                                 capture_output=True, text=True, timeout=120)  # fmt: skip
-            assert out.returncode == 0, out.stderr
-            took.append(time.monotonic() - t0)
-            # `stop` returns once the pid file's lock is released, just before the exit
-            wait_for(lambda pid=pid: not pid_alive(pid), 10, "the daemon to exit")
-            wait_for(lambda pid=pid: not loader_workers(pid), 10, "workers to exit")
-            assert not shm_segments(pid)
-            assert _leftovers(runtime, d) == []
-    finally:
-        subprocess.run([*DAEMON, "stop", "--socket", sock], capture_output=True, timeout=120)
-        shutil.rmtree(d, ignore_errors=True)
-    return took
 
 
 def test_start_stop_cycles_leave_nothing(tiny_model: Path, runtime_dir: Path) -> None:

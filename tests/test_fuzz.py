@@ -12,9 +12,7 @@ from pathlib import Path
 import httpx
 import msgpack
 import pytest
-from conftest import rss, scratch_dir
-from test_daemon import CHAT, MAX_TOKENS, PROMPTS, Daemon, reference, tiny_model
-from test_http import free_port
+from support import CHAT, MAX_TOKENS, PROMPTS, Daemon, free_port, rss, scratch_dir
 
 from flashmoe.orchestrator.lifecycle import parse_http
 from flashmoe.protocol import sockets
@@ -33,8 +31,6 @@ from flashmoe.protocol.messages import (
     decode,
     encode,
 )
-
-__all__ = ["reference", "tiny_model"]  # fixtures shared with test_daemon.py
 
 KEY = "sk-fuzz"
 IPC_CASES = 3000

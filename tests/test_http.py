@@ -3,61 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from test_daemon import (
-    CHAT,
-    MAX_TOKENS,
-    PROMPTS,
-    SAMPLED,
-    Daemon,
-    reference,
-    tiny_model,
-    wait_for,
-)
-
-__all__ = ["reference", "tiny_model"]  # fixtures shared with test_daemon.py
-
-KEY = "sk-test-key"
-JSON = {"Content-Type": "application/json"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model: Path):
-    port = free_port()
-    d = Daemon(tiny_model, "--http", f"127.0.0.1:{port}", "--api-key", KEY)
-    st = d.wait_ready()
-    assert st["http"] == f"http://127.0.0.1:{port}"
-    d.url = st["http"]
-    yield d
-    d.close()
-
-
-@pytest.fixture
-def oai(server: Daemon) -> openai.OpenAI:
-    with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=30, max_retries=0) as c:
-        yield c
-
-
-@pytest.fixture
-def http(server: Daemon) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        yield c
-
-
-def auth(key: str = KEY) -> dict:
-    return {"Authorization": f"Bearer {key}"}
+from support import CHAT, JSON, MAX_TOKENS, PROMPTS, SAMPLED, Daemon, auth, wait_for
 
 
 def test_chat_completions(oai: openai.OpenAI, reference: dict) -> None:

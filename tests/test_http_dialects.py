@@ -15,12 +15,9 @@ import ollama
 import openai
 import pytest
 from mlx_lm.tool_parsers import json_tools
-from test_daemon import CHAT, MAX_TOKENS, PROMPTS, Daemon, reference, tiny_model
-from test_http import KEY, auth, free_port, oai, server
+from support import CHAT, KEY, MAX_TOKENS, PROMPTS, Daemon, auth, free_port
 
 from flashmoe.orchestrator.http_tools import ToolCalls
-
-__all__ = ["oai", "reference", "server", "tiny_model"]  # fixtures
 
 SYSTEM = "You answer in one word."
 

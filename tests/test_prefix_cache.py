@@ -9,12 +9,10 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache
-from test_daemon import BUDGET, PROMPTS, tiny_model
+from support import BUDGET, PROMPTS
 
 from flashmoe.orchestrator.engine import Engine, GenRequest
 from flashmoe.orchestrator.prefix_cache import PrefixCache
-
-__all__ = ["tiny_model"]
 
 
 def _cache(n_tokens: int, layers: int = 2) -> list:

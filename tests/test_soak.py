@@ -7,11 +7,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_BUDGET, WorkerKiller, loader_workers, rss, shm_segments
-from test_daemon import PROMPTS, Daemon, reference, tiny_model
-from test_faults import start_stop_cycles
-
-__all__ = ["reference", "tiny_model"]  # fixtures shared with test_daemon.py
+from support import (
+    PROMPTS,
+    SMALL_BUDGET,
+    Daemon,
+    WorkerKiller,
+    loader_workers,
+    rss,
+    shm_segments,
+    start_stop_cycles,
+)
 
 pytestmark = pytest.mark.slow
 
