@@ -18,7 +18,7 @@ def test_bench_decode_json(tmp_path):
     trace = tmp_path / "trace.jsonl"
     out = subprocess.run(
         [sys.executable, "-m", "flashmoe.cli", "bench", "decode", "--model", str(model),
-         "--memory-budget", "1451KiB", "--tokens", "6", "--prompt-tokens", "5", "--streams", "2",
+         "--memory-budget", "400KiB", "--tokens", "6", "--prompt-tokens", "5", "--streams", "2",
          "--baseline", "--profile", "--trace-out", str(trace), "--json"],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "FLASHMOE_PREFETCH": "on"},
@@ -54,7 +54,7 @@ def test_bench_decode_json(tmp_path):
     # The same run with its recorded routing as the guesses: every guess read is used.
     out = subprocess.run(
         [sys.executable, "-m", "flashmoe.cli", "bench", "decode", "--model", str(model),
-         "--memory-budget", "1451KiB", "--tokens", "6", "--prompt-tokens", "5",
+         "--memory-budget", "400KiB", "--tokens", "6", "--prompt-tokens", "5",
          "--streams", "2", "--guess-trace", str(trace), "--json"],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "FLASHMOE_PREFETCH": "on", "FLASHMOE_PREFETCH_AHEAD": "2"},
