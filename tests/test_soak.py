@@ -63,14 +63,14 @@ def test_fifty_start_stop_cycles_leave_nothing(tiny_model: Path, runtime_dir: Pa
 
 
 def test_memory_stays_bounded(tiny_model: Path, reference: dict) -> None:
-    """One 1,200-token generation, then 200 requests in a row: the pool within its budget, the
-    daemon's RSS flat over the second half."""
+    """One 200-token generation (the tiny budget's context limit is 256 tokens), then 200
+    requests in a row: the pool within its budget, the daemon's RSS flat over the second half."""
     d = _small(tiny_model)
     pid = d.proc.pid
     try:
         with d.client(timeout=120) as c:
             rss_start = rss(pid)
-            r = c.generate(PROMPTS[5], max_tokens=1200)
+            r = c.generate(PROMPTS[5], max_tokens=200)
             long_tokens = len(r.token_ids)
             assert r.finish_reason == "length" or long_tokens > 0
             st = c.status()
