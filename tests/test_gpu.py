@@ -16,6 +16,7 @@ import pytest
 from mlx_lm import load as mlx_load
 from mlx_lm import stream_generate
 
+from flashmoe.orchestrator.budget import budget_for_pool
 from flashmoe.orchestrator.cache import cache_record_bytes
 from flashmoe.orchestrator.cuda_copy import MAX_ARRAY_BYTES, on_cuda
 from flashmoe.orchestrator.engine import Engine, GenRequest, resolve_dtype
@@ -71,10 +72,13 @@ def mlx_lm_ids(path, dtype: str) -> list[int]:
 
 
 def quarter_budget(path, dtype: str) -> int:
-    """A quarter of the bytes every expert of the model takes in the cache."""
+    """An expert pool of a quarter of the bytes every expert of the model takes in the cache,
+    beside the dense weights and the KV cache."""
     store = open_store(path)
-    rec = cache_record_bytes(store.layout, resolve_dtype(dtype, store.config))
-    return rec * len(store.moe_layers) * store.num_experts // 4
+    compute = resolve_dtype(dtype, store.config)
+    rec = cache_record_bytes(store.layout, compute)
+    pool = rec * len(store.moe_layers) * store.num_experts // 4
+    return budget_for_pool(store, pool, compute, cast=dtype != "auto")
 
 
 def engine_ids(path, dtype: str) -> tuple[list[int], dict]:
@@ -116,8 +120,10 @@ def model(checkpoints):
 
 
 def small_budget(path) -> int:
-    # about a third of the experts: misses and evictions all along
-    return max(open_store(path).expert_bytes_total() // 3, 1)
+    # an expert pool of about a third of the experts: misses and evictions all along
+    store = open_store(path)
+    compute = resolve_dtype("auto", store.config)
+    return budget_for_pool(store, max(store.expert_bytes_total() // 3, 1), compute, cast=False)
 
 
 def bank_inputs(hidden: int, k: int, num_experts: int, tokens: int, seed: int):
