@@ -174,7 +174,7 @@ def test_non_finite_logits_are_an_error_not_token_zero(model):
 
 
 def test_two_lanes_survive_killed_workers(model, reference):
-    from conftest import WorkerKiller
+    from support import WorkerKiller
 
     with Engine(str(model), memory_budget=budget_for(model, 80), dtype="float32",
                 lanes=2, max_batch=4, workers=2) as eng:
