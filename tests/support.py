@@ -241,3 +241,19 @@ def start_stop_cycles(model: Path, runtime: Path, cycles: int) -> list[float]:
         subprocess.run([*DAEMON, "stop", "--socket", sock], capture_output=True, timeout=120)
         shutil.rmtree(d, ignore_errors=True)
     return took
+
+
+def mlx_lm_ids(path, prompt, n: int, dtype=None) -> list[int]:
+    """mlx-lm's greedy token ids for ``prompt`` on the checkpoint at ``path``, the reference every
+    exactness test compares with: cast to ``dtype``, or as ``mlx_lm.load`` leaves it (None)."""
+    from mlx_lm import load, stream_generate
+
+    model, tok = load(str(path))
+    if dtype is not None:
+        model.set_dtype(dtype)
+    ids = []
+    for r in stream_generate(model, tok, prompt, max_tokens=n):
+        if r.finish_reason == "stop":
+            break
+        ids.append(r.token)
+    return ids

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from mlx_lm import load as mlx_load
-from mlx_lm import stream_generate
+from support import mlx_lm_ids
 
 from flashmoe.cli import main
 from flashmoe.errors import CheckpointError
@@ -31,14 +30,7 @@ SIZES = {"layers": 2, "hidden": 128, "experts": 16, "topk": 2, "moe_inter": 64}
 
 
 def reference_ids(path: Path, n: int = N_TOKENS) -> list[int]:
-    model, tok = mlx_load(str(path))
-    model.set_dtype(mx.float32)
-    ids = []
-    for r in stream_generate(model, tok, PROMPT, max_tokens=n):
-        if r.finish_reason == "stop":
-            break
-        ids.append(r.token)
-    return ids
+    return mlx_lm_ids(path, PROMPT, n, mx.float32)
 
 
 def streamed_ids(path: Path | str, n: int = N_TOKENS) -> list[int]:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from mlx_lm import load as mlx_load
 from mlx_lm import stream_generate
+from support import mlx_lm_ids
 
 from flashmoe.errors import BudgetError
 from flashmoe.orchestrator.budget import budget_for_pool
@@ -27,14 +28,7 @@ N_TOKENS = 32
 
 
 def reference_ids(path: Path, prompt, n: int) -> list[int]:
-    model, tok = mlx_load(str(path))
-    model.set_dtype(mx.float32)
-    ids = []
-    for r in stream_generate(model, tok, prompt, max_tokens=n):
-        if r.finish_reason == "stop":
-            break
-        ids.append(r.token)
-    return ids
+    return mlx_lm_ids(path, prompt, n, mx.float32)
 
 
 def quarter_budget(path: Path, quarters: int = 1) -> int:

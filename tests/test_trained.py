@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm import load as mlx_load
-from mlx_lm import stream_generate
+from support import mlx_lm_ids
 
 from flashmoe.orchestrator.budget import budget_for_pool
 from flashmoe.orchestrator.engine import Engine, GenRequest
@@ -30,15 +30,7 @@ SNIPPET = '''def mean(values):
 
 
 def reference_ids(prompt: str, dtype: mx.Dtype | None) -> list[int]:
-    model, tok = mlx_load(str(MODEL))
-    if dtype is not None:
-        model.set_dtype(dtype)
-    ids = []
-    for r in stream_generate(model, tok, prompt, max_tokens=N_TOKENS):
-        if r.finish_reason == "stop":
-            break
-        ids.append(r.token)
-    return ids
+    return mlx_lm_ids(MODEL, prompt, N_TOKENS, dtype)
 
 
 def below_expert_bytes() -> int:
