@@ -33,7 +33,13 @@ def rows(st: dict) -> list[tuple[str, str]]:
     out = [
         ("model", f"{st.get('model')} ({st.get('store_kind', '?')}, {st.get('dtype', '?')})"),
         ("memory budget", f"{_size(st, 'budget_bytes')}: expert pool {_size(st, 'pool_bytes')} "
-                          f"({slots}), dense weights {_size(st, 'dense_bytes')}"),
+                          f"({slots}), dense weights {_size(st, 'dense_bytes')}, KV cache "
+                          f"{_size(st, 'kv_bytes')}"),
+        ("context limit", f"{st['max_context']:,} tokens" if st.get("max_context") else "-"),
+        ("prefix cache", f"{st['prefix_cache_entries']} entries, "
+                         f"{st.get('prefix_cache_hits', 0)} hits, "
+                         f"{st.get('prefix_tokens_reused', 0)} tokens reused"
+                         if "prefix_cache_entries" in st else "off"),
         ("expert hit rate", f"{hit:.1%}" if isinstance(hit, (int, float)) else "-"),
         ("decode", f"{tps:.2f} tok/s (last request)" if isinstance(tps, (int, float)) else "-"),
         ("requests", f"{st.get('requests_served', 0)} served, {st.get('requests_running', 0)} "

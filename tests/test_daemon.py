@@ -93,7 +93,8 @@ def test_status(daemon: Daemon, reference: dict) -> None:
     )
     assert out.returncode == 0, out.stderr
     for row in ("model", "memory budget", "expert hit rate", "decode", "requests", "workers",
-                "uptime", str(daemon.proc.pid), reference["name"]):
+                "uptime", str(daemon.proc.pid), reference["name"], "context limit",
+                f"{st['max_context']:,} tokens", "prefix cache"):
         assert row in out.stdout, (row, out.stdout)
     out = subprocess.run(
         [*DAEMON, "status", "--json"],
