@@ -54,7 +54,7 @@ def streamed_side(a: dict) -> dict:
     eng = Engine(a["model"], memory_budget=a["budget"], workers=a.get("workers"),
                  io_threads=a.get("threads"), dtype=a["dtype"],
                  experts_per_token=a.get("experts_per_token"), max_batch=max(a["streams"]),
-                 max_context=a.get("max_context"), kv_bits=a.get("kv_bits"))
+                 max_context=a.get("max_context"))
     out = {"load_s": time.perf_counter() - t0}
     try:
         vocab = _vocab(eng.store.config)
@@ -333,7 +333,7 @@ def run_decode_bench(args) -> int:
              threads=args.io_threads, dtype=args.dtype or "auto", tokens=args.tokens,
              prompt_tokens=args.prompt_tokens, streams=streams,
              experts_per_token=args.experts_per_token, profile=args.profile,
-             max_context=args.max_context, kv_bits=args.kv_bits,
+             max_context=args.max_context,
              baseline_model=args.baseline_model,
              trace_out=os.path.abspath(args.trace_out) if args.trace_out else None,
              guess_trace=os.path.abspath(args.guess_trace) if args.guess_trace else None)

@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="raw text to complete")
     g.add_argument("--chat", help="one user message, rendered with the chat template")
     sampling_args(p)
+    p.add_argument("--kv-bits", type=int, choices=[4, 8],
+                   help="mlx-lm's quantized KV cache (default: off; `run` only)")
     p.add_argument("--json", action="store_true", help="print text, token ids and stats as JSON")
 
     p = sub.add_parser("bench", help="benchmarks: io, decode")

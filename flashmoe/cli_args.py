@@ -120,8 +120,6 @@ def engine_args(p: argparse.ArgumentParser, lanes_flag: bool = True) -> None:
     p.add_argument("--max-context", type=positive_int, metavar="N",
                    help="tokens (prompt + generated) the KV cache is sized for (default: auto, "
                    "chosen from the budget)")
-    p.add_argument("--kv-bits", type=int, choices=[4, 8], help="mlx-lm's quantized KV cache "
-                   "(default: off)")
     if lanes_flag:
         p.add_argument("--lanes", type=lanes,
                        help="compute lanes: threads sharing one expert cache (default: auto)")

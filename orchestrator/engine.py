@@ -366,6 +366,9 @@ class Engine:
     # -- engine thread (daemon) -----------------------------------------------------------------
     def start(self) -> None:
         """Start the engine thread; every MLX call happens there from now on."""
+        if self.settings.kv_bits:
+            raise FlashMoeError("kv_bits works with `flashmoe run` only for now: batched decoding "
+                                "(the daemon, bench decode) keeps a full-precision KV cache")
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="flashmoe-engine",
                                             daemon=True)

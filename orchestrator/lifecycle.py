@@ -55,7 +55,6 @@ ENGINE_FLAGS = (
     ("--experts-per-token", "experts_per_token", "experts_per_token"),
     ("--lanes", "lanes", "lanes"),
     ("--max-context", "max_context", "max_context"),
-    ("--kv-bits", "kv_bits", "kv_bits"),
 )
 
 

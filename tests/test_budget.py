@@ -125,3 +125,30 @@ def test_engine_refuses_a_request_past_its_context(tiny, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "exceeds the context limit of 64 tokens" in err and "Traceback" not in err
+
+
+def test_quantized_kv_cache_gives_mlx_lm_s_tokens(tiny):
+    """``--kv-bits 8``: the same greedy tokens as mlx-lm with the same quantized KV cache, a
+    KV cache counted at a fraction of its full-precision bytes; the batched path refuses it."""
+    from mlx_lm import load, stream_generate
+
+    from flashmoe.errors import FlashMoeError
+    from flashmoe.orchestrator.engine import Engine, GenRequest
+
+    prompt, n = "The expert pool holds", 16
+    model, tok = load(str(tiny))
+    model.set_dtype(mx.float32)
+    want = [r.token for r in stream_generate(model, tok, prompt, max_tokens=n,
+                                             **B.kv_args(8, _config(tiny)))
+            if r.finish_reason != "stop"]
+    store_budget = "64MiB"
+    with Engine(str(tiny), memory_budget=store_budget, dtype="float32", kv_bits=8) as eng:
+        got = [t for c in eng.generate(GenRequest(id="q", prompt=prompt, max_tokens=n))
+               for t in c.token_ids]
+        quantized = eng.budget_plan.kv_bytes / eng.max_context  # bytes per token of context
+        with pytest.raises(FlashMoeError, match="kv_bits works with `flashmoe run` only"):
+            eng.start()
+    with Engine(str(tiny), memory_budget=store_budget, dtype="float32") as eng:
+        full = eng.budget_plan.kv_bytes / eng.max_context
+    assert got == want
+    assert quantized < 0.6 * full
