@@ -196,7 +196,7 @@ class Engine:
                                                 self.store.moe_layers,
                                                 prefetch=prefetch,
                                                 guess_top=s.prefetch_top)
-            if s.dtype != "auto" or self.compute_dtype != _checkpoint_dtype(self.store.config):
+            if cast:
                 # As a user of mlx-lm would: cast the whole model; "auto" on a GPU keeps the
                 # checkpoint's own dtypes, exactly as mlx_lm.load leaves them.
                 self.model.set_dtype(self.compute_dtype)
