@@ -462,13 +462,13 @@ def recommend(store, base_fixed: int, min_pool: int, compute: ComputeRate, io: I
 def fit(model: str, budget: str | int | None, context: int | None, trace: str | None,
         kv_bits: int | None = None, io_seconds: float = 3.0) -> dict:
     """The whole forecast as one dict (what ``--json`` prints)."""
-    from flashmoe.orchestrator.engine import _checkpoint_dtype, resolve_dtype
+    from flashmoe.orchestrator.engine import casts_model, resolve_dtype
 
     t0 = time.perf_counter()
     settings = load_settings()
     store = open_store(model)
     dtype = resolve_dtype(settings.dtype, store.config)
-    cast = dtype != _checkpoint_dtype(store.config) or settings.dtype != "auto"
+    cast = casts_model(settings.dtype, dtype, store.config)
     dense = B.dense_in_memory(store, dtype, cast)
     ignored = B.ignored_tensors(store)
     kv = B.measure_kv(store.config, dtype, kv_bits)

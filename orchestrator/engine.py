@@ -54,6 +54,12 @@ def resolve_dtype(name: str, config: dict) -> mx.Dtype:
     return _checkpoint_dtype(config)
 
 
+def casts_model(setting: str, compute: mx.Dtype, config: dict) -> bool:
+    """Whether the whole model is cast to ``compute``: an explicit dtype, or "auto" where it
+    differs from the checkpoint's (the CPU); "auto" on a GPU keeps the checkpoint's dtypes."""
+    return setting != "auto" or compute != _checkpoint_dtype(config)
+
+
 def _checkpoint_dtype(config: dict) -> mx.Dtype:
     text = config.get("text_config", config)
     declared = text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype")
@@ -165,7 +171,7 @@ class Engine:
         if not 1 <= top_k <= self.store.num_experts:
             raise FlashMoeError(f"--experts-per-token must be in 1..{self.store.num_experts} "
                                 f"(the model's expert count), got {top_k}")
-        cast = s.dtype != "auto" or self.compute_dtype != _checkpoint_dtype(self.store.config)
+        cast = casts_model(s.dtype, self.compute_dtype, self.store.config)
         bp = self.budget_plan = plan_for_engine(self.store, s.memory_budget, self.compute_dtype,
                                                 cast, s)
         self.max_context, budget = bp.max_context, bp.budget

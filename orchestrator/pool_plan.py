@@ -55,11 +55,11 @@ def inspect_budget(store, budget_text: str) -> tuple[dict, list[tuple[str, str]]
     """``flashmoe inspect --memory-budget``: the plan as a dict and as rows to print."""
     from flashmoe.configs import format_size, load_settings, parse_size
     from flashmoe.orchestrator.budget import plan_for_engine
-    from flashmoe.orchestrator.engine import _checkpoint_dtype, resolve_dtype
+    from flashmoe.orchestrator.engine import casts_model, resolve_dtype
 
     settings = load_settings()
     dtype = resolve_dtype(settings.dtype, store.config)
-    cast = settings.dtype != "auto" or dtype != _checkpoint_dtype(store.config)
+    cast = casts_model(settings.dtype, dtype, store.config)
     bp = plan_for_engine(store, parse_size(budget_text), dtype, cast, settings)
     d = describe_pool(store, settings, bp.pool_bytes, dtype)
     d.update(memory_budget=bp.budget, dense_bytes=bp.dense_bytes, max_context=bp.max_context)

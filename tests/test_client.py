@@ -30,14 +30,6 @@ from flashmoe.protocol.client import (
 from flashmoe.protocol.messages import DAEMON_ACCEPTS, Cancel, Generate, decode
 
 
-@pytest.fixture(scope="module")
-def daemon(tiny_model: Path):
-    d = Daemon(tiny_model)
-    d.wait_ready()
-    yield d
-    d.close()
-
-
 @pytest.fixture
 def fake_daemon():
     """A ROUTER on a private socket that reads but never answers; the pid file names us."""
