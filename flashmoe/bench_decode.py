@@ -1,8 +1,8 @@
 """``flashmoe bench decode``: streamed decode against mlx-lm with the whole model in memory.
 
 Both sides run the same prompt (random token ids, seeded), the same dtype and greedy sampling, in
-one invocation. With ``--cgroup-cap SIZE`` (root, cgroup v1) the streamed side runs in a child
-process inside a fresh memory cgroup that caps its whole process tree, page cache and shared
+one invocation. With ``--cgroup-cap SIZE`` (root, cgroup v1 or v2) the streamed side runs in a
+child process inside a fresh memory cgroup that caps its whole process tree, page cache and shared
 memory included, so experts really come from the disk; the baseline then runs uncapped.
 """
 
@@ -21,7 +21,8 @@ from flashmoe.configs import format_size, parse_size
 from flashmoe.diskstats import DeviceReads, amplification
 from flashmoe.errors import FlashMoeError
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+CGROUP_V2 = Path("/sys/fs/cgroup")
 
 
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
@@ -47,6 +48,8 @@ def busy_ms(path: str) -> int | None:
 
 def streamed_side(a: dict) -> dict:
     """Run the streamed model: one stream, then each concurrent-stream count."""
+    import mlx.core as mx
+
     from flashmoe.bench_probe import Probe
     from flashmoe.orchestrator.engine import Engine, GenRequest
 
@@ -118,6 +121,8 @@ def streamed_side(a: dict) -> dict:
             pool_bytes=stats["pool_bytes"],
             dense_bytes=stats["dense_bytes"],
             peak_rss_bytes=stats["peak_rss_bytes"],
+            # MLX's own peak allocation (on a GPU: device memory, which no cgroup counts)
+            mlx_peak_bytes=mx.get_peak_memory(),
             profile=_per_token(parts0, parts1, decode_s, decoded) if probe.profile else None,
         )
         out["aggregate"] = {}
@@ -265,42 +270,68 @@ def _k_override(config: dict, a: dict) -> dict | None:
     return _config_override(config, a.get("experts_per_token"))
 
 
+class MemoryCgroup:
+    """A fresh memory cgroup capped at ``cap`` bytes (v1: ``memory.limit_in_bytes``; v2, the
+    unified hierarchy: ``memory.max``), its peak use, and its removal."""
+
+    def __init__(self, cap: int):
+        if os.geteuid() != 0:
+            raise FlashMoeError("--cgroup-cap needs root")
+        name = f"flashmoe-bench-{os.getpid()}"
+        if CGROUP_V1.is_dir():
+            self.path, self.limit, self.peak_file = CGROUP_V1 / name, "memory.limit_in_bytes", \
+                "memory.max_usage_in_bytes"
+        elif "memory" in _read(CGROUP_V2 / "cgroup.subtree_control").split():
+            self.path, self.limit, self.peak_file = CGROUP_V2 / name, "memory.max", "memory.peak"
+        else:
+            raise FlashMoeError("--cgroup-cap needs a memory cgroup: v1 at /sys/fs/cgroup/memory "
+                                "or v2 with the memory controller enabled at /sys/fs/cgroup")
+        self.path.mkdir(exist_ok=True)
+        (self.path / self.limit).write_text(str(cap))
+
+    def enter(self) -> None:  # runs in the child before it executes
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak(self) -> int | None:
+        text = _read(self.path / self.peak_file)
+        return int(text) if text.strip().isdigit() else None
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def _child(side: str, a: dict, cap: int | None) -> dict:
     """Run one side in a child process (inside a fresh memory cgroup when ``cap`` is set)."""
-    cg = None
-    if cap is not None:
-        if os.geteuid() != 0 or not CGROUP_ROOT.is_dir():
-            raise FlashMoeError("--cgroup-cap needs root and cgroup v1 at /sys/fs/cgroup/memory")
-        cg = CGROUP_ROOT / f"flashmoe-bench-{os.getpid()}"
-        cg.mkdir(exist_ok=True)
-        (cg / "memory.limit_in_bytes").write_text(str(cap))
-
-    def enter():
-        if cg is not None:
-            (cg / "cgroup.procs").write_text(str(os.getpid()))
-
+    cg = MemoryCgroup(cap) if cap is not None else None
     try:
         with subprocess.Popen([sys.executable, "-m", "flashmoe.bench_decode", side, json.dumps(a)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              preexec_fn=enter) as p:
+                              preexec_fn=cg.enter if cg else None) as p:
             try:
                 stdout, stderr = p.communicate()
             except BaseException:  # SIGTERM/Ctrl-C of the bench: the child cleans up too
                 p.terminate()
                 p.wait(60)
                 raise
-        peak = int((cg / "memory.max_usage_in_bytes").read_text()) if cg else None
+        peak = cg.peak() if cg else None
     finally:
         if cg is not None:
-            try:
-                cg.rmdir()
-            except OSError:
-                pass
+            cg.remove()
     if p.returncode != 0:
         raise FlashMoeError(f"{side} side failed (exit {p.returncode}): "
                             f"{stderr.strip().splitlines()[-1] if stderr.strip() else ''}")
     out = json.loads(stdout.strip().splitlines()[-1])
-    if peak is not None:
+    if cap is not None:
         out["cgroup_cap_bytes"] = cap
         out["cgroup_peak_bytes"] = peak
     return out
@@ -397,7 +428,9 @@ def run_decode_bench(args) -> int:
               "prefetch, not a real run (prefetch " + ", ".join(
                   f"{k} {v}" for k, v in s["prefetch_settings"].items()) + ")")
     if cap:
-        print(f"cgroup cap {format_size(cap)}, peak use {format_size(s['cgroup_peak_bytes'])}")
+        peak = s["cgroup_peak_bytes"]
+        print(f"cgroup cap {format_size(cap)}, peak use "
+              f"{format_size(peak) if peak is not None else 'not reported by this kernel'}")
     floor = result["io_floor_tokens_per_s"] or 0
     print("disk GB/s by way (before / after): " + ", ".join(
         f"{k} {ways[0][k]:.2f} / {ways[1][k]:.2f}" for k in ways[0]))
