@@ -7,10 +7,14 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
-import openai
 import pytest
+
+if TYPE_CHECKING:  # the HTTP clients load where they are used: the GPU run carries neither
+    import httpx
+    import openai
+
 from support import (
     BUDGET,
     CHAT,
@@ -88,11 +92,15 @@ def server(tiny_model: Path):
 
 @pytest.fixture
 def oai(server: Daemon) -> openai.OpenAI:
+    import openai
+
     with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=30, max_retries=0) as c:
         yield c
 
 
 @pytest.fixture
 def http(server: Daemon) -> httpx.Client:
+    import httpx
+
     with httpx.Client(base_url=server.url, timeout=30) as c:
         yield c

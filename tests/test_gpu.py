@@ -99,9 +99,21 @@ def engine_ids(path, dtype: str) -> tuple[list[int], dict]:
 def test_greedy_tokens_equal_mlx_lm(checkpoints, arch, layout, dtype):
     path = checkpoints[(arch, layout)]
     source = checkpoints[(arch, "hf")] if layout == "packed" else path
+    want = reference_or_skip(source, dtype)
     got, stats = engine_ids(path, dtype)
     assert stats["expert_misses"] > open_store(path).num_experts  # evicted and read again
-    assert got == mlx_lm_ids(source, dtype)
+    assert got == want
+
+
+def reference_or_skip(path, dtype: str) -> list[int]:
+    """mlx-lm's tokens, or a skip where MLX itself has no kernel for the case (on CUDA, 4-bit
+    matmuls of these tiny shapes in float32)."""
+    try:
+        return mlx_lm_ids(path, dtype)
+    except RuntimeError as e:
+        if "No implementation" not in str(e):
+            raise
+        pytest.skip(f"mlx-lm cannot run this case here: {e}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
