@@ -371,9 +371,9 @@ def run_decode_bench(args) -> int:
     cap = parse_size(args.cgroup_cap) if args.cgroup_cap else None
     # The disk is measured before and after the streamed side (a shared disk drifts: 1.31 and
     # 1.52 GB/s were seen minutes apart on one machine); the floor uses the mean of the best.
-    ways = [disk_gbps(args.model)]
+    ways = [disk_gbps(args.model, args.disk_seconds)]
     s = _child("streamed", a, cap) if cap else streamed_side(a)
-    ways.append(disk_gbps(args.model))
+    ways.append(disk_gbps(args.model, args.disk_seconds))
     disk = [max(w.values()) for w in ways]
     gbps = sum(disk) / len(disk)
     result = {

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the budget holds, up to 32768)")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantized KV cache")
     p.add_argument("--trace", help="routing trace for the hit rate (bench decode --trace-out)")
+    p.add_argument("--seconds", type=seconds, default=3.5,
+                   help="time spent measuring compute, and again reads (longer: steadier)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("run", help="generate in the foreground with streamed experts")
@@ -134,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--baseline", action="store_true", help="also run mlx-lm in memory")
     b.add_argument("--baseline-model", help="checkpoint mlx-lm loads for the baseline (default "
                    "--model; a packed store holds no experts for mlx-lm)")
+    b.add_argument("--disk-seconds", type=seconds, default=2.0,
+                   help="length of each read of the disk, before and after (per way)")
     b.add_argument("--cgroup-cap", type=size, metavar="SIZE",
                    help="run the streamed side under a memory cgroup of SIZE")
     b.add_argument("--trace-out", help="write the decode routing trace (JSON lines) here")

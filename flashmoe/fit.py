@@ -53,9 +53,10 @@ from flashmoe.store import RECORD_ALIGN, open_store
 MODEL_MARGIN = 0.15
 MAX_MARGIN = 0.30
 DECODE_REPEATS = 8
-# Decode steps are timed for this long at least: on a shared machine the load changes from
-# second to second, and a longer window sees more of it (and its spread widens the band).
-DECODE_SECONDS = 4.0
+# Decode steps and reads are each timed for this long at least by default: on a shared machine
+# the load changes from second to second, and a longer window sees more of it (and its spread
+# widens the band).
+MEASURE_SECONDS = 3.5
 UNIFORM_TOKENS = 96  # decode tokens of the uniform routing replayed through the LRU
 SMALL_VOCAB = 32768  # the measured model's vocabulary at most (its output head is scaled up)
 
@@ -211,7 +212,8 @@ def _bank_time(bank: nn.Module, experts: int, tokens: int, top_k: int, hidden: i
     return min(_time(lambda: mx.eval(bank(x, idx)), 1))
 
 
-def measure_compute(store, dtype: mx.Dtype, prefill_tokens: int = 64) -> ComputeRate:
+def measure_compute(store, dtype: mx.Dtype, seconds: float = MEASURE_SECONDS,
+                    prefill_tokens: int = 64) -> ComputeRate:
     """Time the decoder layers of one period and the rest of a step apart, and scale the
     layers' time to the model's layer count (see the module docstring)."""
     period = B.layer_period(store.config)
@@ -221,7 +223,7 @@ def measure_compute(store, dtype: mx.Dtype, prefill_tokens: int = 64) -> Compute
     full_vocab = int(B._text(store.config)["vocab_size"])
     vocab = min(full_vocab, SMALL_VOCAB)
     head = full_vocab / vocab  # the output head's share of the rest grows with the vocabulary
-    layers, rest = _steps(model, spent, 1, DECODE_REPEATS, vocab, DECODE_SECONDS)
+    layers, rest = _steps(model, spent, 1, DECODE_REPEATS, vocab, seconds)
     per_step = [head * r + scale * lt for lt, r in zip(layers, rest, strict=True)]
     q = statistics.quantiles(per_step, n=4)
     decode = statistics.median(per_step)
@@ -460,7 +462,7 @@ def recommend(store, base_fixed: int, min_pool: int, compute: ComputeRate, io: I
 
 
 def fit(model: str, budget: str | int | None, context: int | None, trace: str | None,
-        kv_bits: int | None = None, io_seconds: float = 3.0) -> dict:
+        kv_bits: int | None = None, seconds: float = MEASURE_SECONDS) -> dict:
     """The whole forecast as one dict (what ``--json`` prints)."""
     from flashmoe.orchestrator.engine import casts_model, resolve_dtype
 
@@ -498,9 +500,9 @@ def fit(model: str, budget: str | int | None, context: int | None, trace: str | 
                workspace_bytes=B.prefill_workspace(store.config, ctx, dtype.size),
                min_expert_cache=min_pool, min_budget=fixed + min_pool)
     t1 = time.perf_counter()
-    compute = measure_compute(store, dtype)
+    compute = measure_compute(store, dtype, seconds)
     t2 = time.perf_counter()
-    io = measure_io(store, settings, io_seconds, dtype)
+    io = measure_io(store, settings, seconds, dtype)
     out["measure_s"] = dict(index_and_kv=t1 - t0, compute=t2 - t1,
                             io=time.perf_counter() - t2)
     hit_of, hit_model = hit_rate_model(trace, len(store.moe_layers), store.num_experts,
@@ -566,6 +568,6 @@ def cmd_fit(args) -> int:
     """``flashmoe fit MODEL [--memory-budget SIZE] [--context N] [--trace FILE] [--json]``."""
     if args.context is not None and args.context < 1:
         raise FlashMoeError(f"--context must be >= 1, got {args.context}")
-    d = fit(args.model, args.memory_budget, args.context, args.trace, args.kv_bits)
+    d = fit(args.model, args.memory_budget, args.context, args.trace, args.kv_bits, args.seconds)
     print(json.dumps(d) if args.json else _table(d))
     return 0

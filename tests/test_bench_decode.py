@@ -19,7 +19,7 @@ def test_bench_decode_json(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "flashmoe.cli", "bench", "decode", "--model", str(model),
          "--memory-budget", "1600KiB", "--tokens", "6", "--prompt-tokens", "5", "--streams", "2",
-         "--baseline", "--profile", "--trace-out", str(trace), "--json"],
+         "--baseline", "--profile", "--trace-out", str(trace), "--disk-seconds", "0.2", "--json"],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "FLASHMOE_PREFETCH": "on"},
     )
@@ -56,7 +56,7 @@ def test_bench_decode_json(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "flashmoe.cli", "bench", "decode", "--model", str(model),
          "--memory-budget", "1600KiB", "--tokens", "6", "--prompt-tokens", "5",
-         "--streams", "2", "--guess-trace", str(trace), "--json"],
+         "--streams", "2", "--guess-trace", str(trace), "--disk-seconds", "0.2", "--json"],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "FLASHMOE_PREFETCH": "on"},
     )

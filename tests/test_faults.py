@@ -75,7 +75,7 @@ def test_killed_workers_lose_nothing(tiny_model: Path, prefetch: bool, monkeypat
 
     if prefetch:
         monkeypatch.setenv("FLASHMOE_PREFETCH", "on")
-    n = 40
+    n = 24
     with Engine(str(tiny_model), memory_budget=SMALL_BUDGET, workers=2) as e:
         want = generate_ids(e, PROMPTS[0], n)
         assert e.cache.stats.misses > 4 * n  # nearly every token loads experts

@@ -81,7 +81,7 @@ def test_uniform_model_and_decode_parts():
 
 
 def test_fit_command_json(tiny, capsys):
-    assert main(["fit", str(tiny), "--memory-budget", "64MiB", "--json"]) == 0
+    assert main(["fit", str(tiny), "--memory-budget", "64MiB", "--seconds", "0.5", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     for key in ("fits", "dense_bytes", "kv_bytes", "min_budget", "recommended_budget",
                 "hit_rate", "bytes_per_token", "prefill_tokens_per_s", "decode_tokens_per_s"):
@@ -95,7 +95,7 @@ def test_fit_command_json(tiny, capsys):
 
 
 def test_fit_too_small_and_bad_input(tiny, capsys):
-    assert main(["fit", str(tiny), "--memory-budget", "100000", "--json"]) == 0
+    assert main(["fit", str(tiny), "--memory-budget", "100000", "--seconds", "0.5", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["fits"] is False and "too small" in d["why_not"]
     assert d["decode_tokens_per_s"] is None and d["min_budget"] > 100000
