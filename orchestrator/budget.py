@@ -173,6 +173,7 @@ class BudgetPlan:
     kv_bytes: int
     workspace_bytes: int
     pool_bytes: int  # expert cache + staging: what is left
+    kv: KVShape | None = None  # the KV cache's bytes per token, for sequences in flight
 
     def as_dict(self) -> dict:
         return dict(budget_bytes=self.budget, dense_bytes=self.dense_bytes,
@@ -229,7 +230,7 @@ def plan_budget(budget: int, config: dict, kv: KVShape, dense_bytes: int, min_po
             f"dense weights {dense_bytes} + KV cache {kv_bytes} + prefill workspace {work} + "
             f"the smallest expert pool {min_pool} = {need} bytes; raise --memory-budget to "
             f"{need} or lower --max-context")
-    return BudgetPlan(budget, dense_bytes, max_context, kv_bytes, work, pool)
+    return BudgetPlan(budget, dense_bytes, max_context, kv_bytes, work, pool, kv)
 
 
 def kv_args(kv_bits: int, config: dict) -> dict:

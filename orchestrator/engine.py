@@ -31,6 +31,7 @@ from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.orchestrator.budget import check_request, kv_args, plan_for_engine
 from flashmoe.orchestrator.cache import ExpertCache
 from flashmoe.orchestrator.cuda_copy import make_copier
+from flashmoe.orchestrator.kv_ledger import KvLedger
 from flashmoe.orchestrator.loaders import LoaderPool
 from flashmoe.orchestrator.pool_plan import plan_for
 from flashmoe.orchestrator.prefix_cache import PrefixCache
@@ -218,6 +219,7 @@ class Engine:
             self.prefix_cache = PrefixCache(s.prefix_cache_entries,
                                             parse_size(s.prefix_cache_bytes)) \
                 if s.prefix_cache_entries > 0 else None
+            self.kv_ledger = KvLedger(bp.kv, bp.kv_bytes, self.prefix_cache)
         except BaseException:
             self._shutdown_io()
             raise
@@ -408,6 +410,7 @@ class Engine:
             "budget_bytes": self.budget,
             "max_context": self.max_context,
             "kv_bytes": self.budget_plan.kv_bytes,
+            "kv_bytes_in_flight": self.kv_ledger.held(),
             "cache_slots": self.plan.cache_slots,
             "cache_slots_ready": ready,
             "lanes": self.lanes,

@@ -49,13 +49,21 @@ class PrefixCache:
             self.tokens_reused += n
         return cache, n
 
-    def insert(self, tokens: list[int], cache: list[Any]) -> None:
-        """Keep ``cache``, the KV state after ``tokens``, for later requests."""
+    def insert(self, tokens: list[int], cache: list[Any], room: int | None = None) -> None:
+        """Keep ``cache``, the KV state after ``tokens``, for later requests, in at most
+        ``room`` bytes in all (the KV budget's share left by the sequences in flight)."""
         if not tokens or not cache:
             return
         mx.eval([c.state for c in cache])
         with self._lock:
             self._lru.insert_cache(_MODEL, list(tokens), cache)
+            if room is not None:
+                self._lru.trim_to(n_bytes=room)
+
+    def shrink_to(self, n_bytes: int) -> None:
+        """Drop least recently used entries until at most ``n_bytes`` are kept."""
+        with self._lock:
+            self._lru.trim_to(n_bytes=n_bytes)
 
     def stats(self) -> dict:
         with self._lock:

@@ -77,16 +77,19 @@ class _Active:
     ids: list[int] = field(default_factory=list)
     stop: StopText = field(default_factory=lambda: StopText([]))
     reused: int = 0  # prompt tokens taken from the prefix cache
+    kept: tuple | None = None  # (tokens, KV cache) for the prefix cache when it finishes
 
 
 class Scheduler:
     """Runs the engine's request queue with up to ``max_batch`` sequences in flight."""
 
-    def __init__(self, engine, max_batch: int = 8):
+    def __init__(self, engine, max_batch: int = 8, lane_id: int = 0):
         self.engine = engine
         self.max_batch = max_batch
+        self.lane_id = lane_id
         self.gen: BatchGenerator | None = None
         self.active: dict[int, _Active] = {}
+        self._waiting = None  # a request whose KV cache does not fit until others finish
         self._tend_error: str | None = None
 
     def _new_gen(self) -> BatchGenerator:
@@ -101,10 +104,12 @@ class Scheduler:
 
     def _run(self, requests: queue.Queue, cancelled: set) -> None:
         stopping = False
-        while not stopping or self.active:
+        while not stopping or self.active or self._waiting:
             stopping = self._admit(requests, cancelled) or stopping
             if not self.active:
                 self._idle()
+                if self._waiting:  # the other lanes hold the KV budget: wait for them
+                    time.sleep(0.02)
                 continue
             self._cancel(cancelled)
             if not self.active:
@@ -126,7 +131,7 @@ class Scheduler:
                     continue
                 a.t_first = a.t_first or now
                 if r.finish_reason is not None and r.prompt_cache is not None:
-                    self._keep(r.all_tokens, r.prompt_cache)
+                    a.kept = (r.all_tokens, r.prompt_cache)  # kept once the batch let it go
                 try:
                     check_finite(r.logprobs, r.token, len(a.ids))
                 except FlashMoeError as e:
@@ -149,7 +154,7 @@ class Scheduler:
         if hit:
             if r.finish_reason is None:
                 for cache, tokens in self.gen.remove([uid], return_prompt_caches=True).values():
-                    self._keep(tokens, cache)
+                    a.kept = (tokens, cache)
             self._finish(uid, "stop", text=text, token_ids=[r.token], logprobs=lps)
             return
         a.on_chunk(Chunk(a.req.id, text, [r.token], logprobs=lps))
@@ -171,12 +176,16 @@ class Scheduler:
     def _admit(self, requests: queue.Queue, cancelled: set) -> bool:
         """Insert queued requests; blocks only while nothing is active. True on shutdown."""
         while len(self.active) < self.max_batch:
-            try:
-                item = requests.get(block=not self.active, timeout=0.5 if not self.active else 0)
-            except queue.Empty:
-                return False
-            if item is None:
-                return True
+            if self._waiting is not None:
+                item, self._waiting = self._waiting, None
+            else:
+                try:
+                    item = requests.get(block=not self.active,
+                                        timeout=0.5 if not self.active else 0)
+                except queue.Empty:
+                    return False
+                if item is None:
+                    return True
             req, on_chunk = item
             if req.id in cancelled:
                 cancelled.discard(req.id)
@@ -184,6 +193,10 @@ class Scheduler:
                 continue
             try:
                 prompt = self.engine.prepare(req)  # tokenized once: by the front, if it checked
+                if not self.engine.kv_ledger.reserve(self.lane_id,
+                                                     self._lengths(len(prompt) + req.max_tokens)):
+                    self._waiting = item
+                    return False
                 if self.gen is None:
                     self.gen = self._new_gen()
                 cache, reused = self._fetch(prompt)
@@ -192,12 +205,17 @@ class Scheduler:
                                          caches=[cache] if cache else None,
                                          all_tokens=[prompt[:reused]] if cache else None)
             except Exception as e:  # one bad request must not end the engine thread
+                self.engine.kv_ledger.release(self.lane_id, self._lengths())
                 on_chunk(Chunk(req.id, "", [], finish_reason="error", error=str(e)))
                 continue
             detok = self.engine.tokenizer.detokenizer  # a fresh copy each time
             self.active[uid] = _Active(req, on_chunk, len(prompt), detok, self.engine.snapshot(),
                                        stop=StopText(req.stop), reused=reused)
         return False
+
+    def _lengths(self, *more: int) -> list[int]:
+        """Tokens each active sequence (and ``more``) may reach: prompt plus max_tokens."""
+        return [a.prompt_len + a.req.max_tokens for a in self.active.values()] + list(more)
 
     def _fetch(self, prompt: list[int]) -> tuple[list | None, int]:
         prefix = getattr(self.engine, "prefix_cache", None)
@@ -206,7 +224,7 @@ class Scheduler:
     def _keep(self, tokens: list[int], cache: list) -> None:
         prefix = getattr(self.engine, "prefix_cache", None)
         if prefix is not None:
-            prefix.insert(tokens, cache)
+            prefix.insert(tokens, cache, room=self.engine.kv_ledger.room())
 
     def _cancel(self, cancelled: set) -> None:
         gone = [uid for uid, a in self.active.items() if a.req.id in cancelled]
@@ -219,6 +237,9 @@ class Scheduler:
     def _finish(self, uid: int, reason: str, error: str | None = None, text: str | None = None,
                 token_ids: tuple = (), logprobs: list[dict] | None = None) -> None:
         a = self.active.pop(uid)
+        self.engine.kv_ledger.release(self.lane_id, self._lengths())
+        if a.kept is not None and reason != "error":
+            self._keep(*a.kept)
         if text is None:  # the detokenizer's tail, unless a stop string already ended the text
             a.detok.finalize()
             text, hit = a.stop.feed(a.detok.last_segment)
@@ -240,7 +261,7 @@ class Lanes:
 
     def __init__(self, engine, n: int, max_batch: int = 8):
         per_lane = max(1, -(-max_batch // n))
-        self.lanes = [Scheduler(engine, max_batch=per_lane) for _ in range(n)]
+        self.lanes = [Scheduler(engine, max_batch=per_lane, lane_id=i) for i in range(n)]
         self.queues: list[queue.Queue] = [queue.Queue() for _ in range(n)]
         self.assigned = [0] * n
         self._lock = threading.Lock()

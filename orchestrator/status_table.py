@@ -34,7 +34,8 @@ def rows(st: dict) -> list[tuple[str, str]]:
         ("model", f"{st.get('model')} ({st.get('store_kind', '?')}, {st.get('dtype', '?')})"),
         ("memory budget", f"{_size(st, 'budget_bytes')}: expert pool {_size(st, 'pool_bytes')} "
                           f"({slots}), dense weights {_size(st, 'dense_bytes')}, KV cache "
-                          f"{_size(st, 'kv_bytes')}"),
+                          f"{_size(st, 'kv_bytes')} ({_size(st, 'kv_bytes_in_flight')} held by "
+                          "the requests in flight)"),
         ("context limit", f"{st['max_context']:,} tokens" if st.get("max_context") else "-"),
         ("prefix cache", f"{st['prefix_cache_entries']} entries, "
                          f"{st.get('prefix_cache_hits', 0)} hits, "
