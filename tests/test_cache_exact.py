@@ -32,7 +32,7 @@ from flashmoe.store import RECORD_ALIGN, open_store
 from flashmoe.synth import synth
 
 PROMPT = "The expert pool holds"
-N_TOKENS = 24
+N_TOKENS = 16
 # The case that diverged on an H100 (qwen3_moe, HF layout), and the shapes whose small budgets
 # ran out of slots there (mixtral's 8 experts top-2, qwen3_5_moe).
 CASES = {

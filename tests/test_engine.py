@@ -24,7 +24,7 @@ from flashmoe.synth import synth
 
 ARCHS = ["qwen3_moe", "qwen3_5_moe", "deepseek_v3", "mixtral"]
 PROMPT = "The expert pool holds"
-N_TOKENS = 32
+N_TOKENS = 20
 
 
 def reference_ids(path: Path, prompt, n: int) -> list[int]:
