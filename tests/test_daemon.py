@@ -288,14 +288,14 @@ def test_stale_files_are_removed_and_sigkill_mid_request_raises(tiny_model: Path
         def blocking() -> None:
             try:
                 with d.client(timeout=60) as c:
-                    c.generate(PROMPTS[1], max_tokens=480)
+                    c.generate(PROMPTS[1], max_tokens=200)
             except Exception as e:
                 errors.append(e)
 
         t = threading.Thread(target=blocking)
         t.start()
         with d.client(timeout=60) as c:
-            stream = c.generate(PROMPTS[0], max_tokens=480, stream=True)
+            stream = c.generate(PROMPTS[0], max_tokens=200, stream=True)
             next(stream)
             os.kill(d.proc.pid, signal.SIGKILL)
             t0 = time.monotonic()

@@ -344,14 +344,14 @@ def test_sigkilled_daemon_restarts_clean(tiny_model: Path, runtime_dir: Path) ->
         def blocked() -> None:
             try:
                 with d.client(timeout=60) as c:
-                    c.generate(PROMPTS[1], max_tokens=480)
+                    c.generate(PROMPTS[1], max_tokens=200)
             except BaseException as e:
                 errors.append(e)
 
         t = threading.Thread(target=blocked)
         t.start()
         with d.client(timeout=60) as c:
-            stream = c.generate(PROMPTS[0], max_tokens=480, stream=True)
+            stream = c.generate(PROMPTS[0], max_tokens=200, stream=True)
             next(stream)
             d.proc.send_signal(signal.SIGKILL)
             t0 = time.monotonic()
