@@ -10,6 +10,7 @@ attention's state) is the fixed part. The figures are then scaled to the model's
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -105,13 +106,20 @@ class KVShape:
         return int(self.fixed + self.per_token * alloc)
 
 
+_MEASURED: dict[tuple, KVShape] = {}
+
+
 def measure_kv(config: dict, dtype: mx.Dtype, kv_bits: int | None = None) -> KVShape:
-    """The KV cache per token, measured on a one-period model of this shape; where such a model
-    cannot be built or run (a layer pattern it does not reproduce), the plain attention bound."""
-    try:
-        return _measure_kv(config, dtype, kv_bits)
-    except Exception:  # the measurement is a refinement; the bound below is never smaller
-        return attention_kv_bound(config, dtype, kv_bits)
+    """The KV cache per token, measured on a one-period model of this shape (once per shape in
+    a process: linear attention's recurrence makes it take a second); where such a model cannot
+    be built or run (a layer pattern it does not reproduce), the plain attention bound."""
+    key = (json.dumps(config, sort_keys=True, default=str), str(dtype), kv_bits)
+    if key not in _MEASURED:
+        try:
+            _MEASURED[key] = _measure_kv(config, dtype, kv_bits)
+        except Exception:  # the measurement is a refinement; the bound below is never smaller
+            _MEASURED[key] = attention_kv_bound(config, dtype, kv_bits)
+    return _MEASURED[key]
 
 
 def attention_kv_bound(config: dict, dtype: mx.Dtype, kv_bits: int | None = None) -> KVShape:

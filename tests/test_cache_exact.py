@@ -182,8 +182,10 @@ def test_gpu_path_with_late_loads_and_copies_keeps_tokens(checkpoints, arch, gpu
     assert got == want
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_5_moe"])
-@pytest.mark.parametrize("extra,staging", [(0, 1), (1, 2), (2, 2), (4, 3)])
+@pytest.mark.parametrize("arch,extra,staging", [
+    *(("mixtral", e, s) for e, s in ((0, 1), (1, 2), (2, 2), (4, 3))),
+    ("qwen3_5_moe", 0, 1), ("qwen3_5_moe", 2, 2),  # the slower model: both ends of the range
+])
 def test_small_budgets_run_with_prefetch_on(checkpoints, arch, extra, staging, gpu_path,
                                             monkeypatch):
     """A budget that runs with prefetch off runs with it on: guesses give their slots up to

@@ -75,7 +75,7 @@ def test_killed_workers_lose_nothing(tiny_model: Path, prefetch: bool, monkeypat
 
     if prefetch:
         monkeypatch.setenv("FLASHMOE_PREFETCH", "on")
-    n = 24
+    n = 16
     with Engine(str(tiny_model), memory_budget=SMALL_BUDGET, workers=2) as e:
         want = generate_ids(e, PROMPTS[0], n)
         assert e.cache.stats.misses > 4 * n  # nearly every token loads experts
@@ -381,5 +381,5 @@ def test_sigkilled_daemon_restarts_clean(tiny_model: Path, runtime_dir: Path) ->
 
 
 def test_start_stop_cycles_leave_nothing(tiny_model: Path, runtime_dir: Path) -> None:
-    took = start_stop_cycles(tiny_model, runtime_dir, 3)
+    took = start_stop_cycles(tiny_model, runtime_dir, 2)
     print(f"start+stop: {', '.join(f'{t:.2f}' for t in took)} s")
