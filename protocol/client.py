@@ -141,7 +141,27 @@ class StreamChunk:
     token_ids: list[int]
 
 
-class Stream:
+class _Closing:
+    """``with`` closes it, and so does garbage collection (a stream dropped unread is
+    cancelled, a client dropped unclosed lets its socket go)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown, a closed client: nothing left to release
+            pass
+
+
+class Stream(_Closing):
     """Iterator of ``StreamChunk``s; ``result`` holds the ``Result`` once it is exhausted.
 
     Closing it (or dropping it) before the end cancels the request in the daemon.
@@ -189,20 +209,8 @@ class Stream:
         self._done = True
         self._client._forget(self.id)
 
-    def __enter__(self) -> Stream:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown, closed client: nothing left to cancel
-            pass
-
-
-class Client:
+class Client(_Closing):
     """A connection to a running ``flashmoe-daemon``.
 
     Args:
@@ -316,18 +324,6 @@ class Client:
                 s.close()
             self._sock.close(linger=0)
             self._sock = None
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # -- internals ----------------------------------------------------------------------------
 
