@@ -24,7 +24,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,18 @@ from flashmoe.protocol.messages import (
 SOCKET_NAME = "daemon.sock"
 _SLICE_S = 0.05  # longest a waiter holds the socket lock
 _LIVENESS_EVERY_S = 0.2
+
+
+# The options of generate/chat: a request's fields, less those the client sets itself.
+_OPTIONS = {f.name for f in fields(Generate)} - {"id", "stream", "prompt", "messages",
+                                                  "prompt_ids"}
+
+
+def _options(options: dict) -> dict:
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise RequestRejected(f"unknown request option: {unknown[0]}", "bad_request")
+    return options
 
 
 class ClientError(FlashMoeError):
@@ -242,61 +254,28 @@ class Client(_Closing):
 
     # -- public API ---------------------------------------------------------------------------
 
-    def generate(
-        self,
-        prompt: str | list[int],
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        seed: int | None = None,
-        stream: bool = False,
-    ) -> Result | Stream:
+    def generate(self, prompt: str | list[int], stream: bool = False,
+                 **options: Any) -> Result | Stream:
         """Complete raw text, or token ids (a list of ints, used as they are, no special
-        tokens added). Returns a ``Result``, or with ``stream=True`` a ``Stream``.
+        tokens added). Returns a ``Result``, or with ``stream=True`` a ``Stream``. ``options``
+        are a request's fields (``flashmoe.protocol.request.Request``): ``max_tokens`` (256),
+        ``temperature`` (0: greedy), ``top_p``, ``top_k``, ``min_p``, ``seed``, ``stop``,
+        ``logprobs``, ``top_logprobs``.
 
         Raises:
             RequestRejected: invalid parameters, prompt too long, engine error.
             Timeout, DaemonNotRunning: see the class docstring.
         """
         ids = isinstance(prompt, (list, tuple))
-        return self._start(
-            stream,
-            prompt=None if ids else prompt,
-            prompt_ids=list(prompt) if ids else None,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            seed=seed,
-        )
+        return self._start(stream, prompt=None if ids else prompt,
+                           prompt_ids=list(prompt) if ids else None, **_options(options))
 
-    def chat(
-        self,
-        messages: list[dict],
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        seed: int | None = None,
-        stream: bool = False,
-    ) -> Result | Stream:
+    def chat(self, messages: list[dict], stream: bool = False,
+             **options: Any) -> Result | Stream:
         """Like ``generate`` for a conversation ``[{"role": ..., "content": ...}, ...]``, rendered
         with the model's chat template."""
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return self._start(
-            stream,
-            messages=messages,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            seed=seed,
-        )
+        return self._start(stream, messages=messages, **_options(options))
 
     def status(self) -> dict:
         """The daemon's status: model, pid, uptime, workers, pool, hit rate, tokens/s, ..."""

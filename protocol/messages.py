@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Any, ClassVar
 
 import msgpack
 
 from flashmoe.errors import FlashMoeError
-from flashmoe.protocol.request import BOUNDS, MAX_STOP, MAX_STOP_CHARS
+from flashmoe.protocol.request import BOUNDS, MAX_STOP, MAX_STOP_CHARS, Request
 
 PROTOCOL_VERSION = 4  # 2: Generate.prompt_ids; 3: LoadRequest.urgent; 4: Generate.stop, logprobs
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # the default of settings.max_message_bytes
@@ -254,7 +254,24 @@ class Shutdown:
 _ROLE_MESSAGE = _record(role=_str(64), content=_str())
 
 
-@_message(
+def _generate_fields() -> list[tuple]:
+    """The request's own fields (``request.Request``), less what the wire does not carry
+    (tools) or the engine fills in (its tokenization), and how the reply comes."""
+    out: list[tuple] = []
+    for f in fields(Request):
+        if f.name in ("tools", "tokens"):
+            continue
+        if f.name == "id":
+            out.append((f.name, f.type))
+        elif f.default_factory is not MISSING:
+            out.append((f.name, f.type, field(default_factory=f.default_factory)))
+        else:
+            out.append((f.name, f.type, field(default=f.default)))
+    return [*out, ("stream", bool, field(default=True)),
+            ("prompt_ids", "list[int] | None", field(default=None)), ("TAG", ClassVar[int])]
+
+
+Generate = _message(
     16,
     id=_ID,
     prompt=_optional(_str()),
@@ -265,32 +282,15 @@ _ROLE_MESSAGE = _record(role=_str(64), content=_str())
     top_k=_int(*BOUNDS["top_k"]),
     min_p=_float(*BOUNDS["min_p"]),
     seed=_optional(_int(*BOUNDS["seed"])),
-    stream=_bool,
-    prompt_ids=_optional(_list(_int(0, (1 << 31) - 1), 1 << 20)),
     stop=_list(_str(MAX_STOP_CHARS), MAX_STOP),
     logprobs=_bool,
     top_logprobs=_int(*BOUNDS["top_logprobs"]),
-)
-@dataclass(slots=True)
-class Generate:
-    """Generate from exactly one of ``prompt`` (raw text), ``prompt_ids`` (token ids, used as
-    they are) or ``messages`` (chat). The fields and their bounds are ``request.Request``'s."""
-
-    id: str
-    prompt: str | None = None
-    messages: list[dict] | None = None
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    stream: bool = True
-    prompt_ids: list[int] | None = None
-    stop: list[str] = field(default_factory=list)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    TAG: ClassVar[int]
+    stream=_bool,
+    prompt_ids=_optional(_list(_int(0, (1 << 31) - 1), 1 << 20)),
+)(make_dataclass("Generate", _generate_fields(), slots=True, namespace={
+    "__module__": __name__,
+    "__doc__": "Generate from exactly one of ``prompt`` (raw text), ``prompt_ids`` (token "
+               "ids, used as they are) or ``messages`` (chat), with a request's fields."}))
 
 
 @_message(17, id=_ID, text=_str(), ids=_TOKEN_IDS)

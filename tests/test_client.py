@@ -117,6 +117,22 @@ def test_generate_from_token_ids(daemon: Daemon, reference: dict) -> None:
             c.generate([10**9], max_tokens=4)  # past the vocabulary: the engine says so
 
 
+def test_options_are_the_requests_fields(daemon: Daemon, reference: dict) -> None:
+    """generate and chat take every field a request has (stop, logprobs, ...) and refuse
+    others by name before anything is sent."""
+    want = reference[PROMPTS[2]][0]
+    with daemon.client() as c:
+        full = c.generate(PROMPTS[2], max_tokens=MAX_TOKENS)
+        assert full.token_ids == want
+        cut = c.generate(PROMPTS[2], max_tokens=MAX_TOKENS, stop=[full.text[4:8]])
+        assert cut.finish_reason == "stop" and full.text.startswith(cut.text)
+        assert len(cut.text) < len(full.text)
+        with pytest.raises(RequestRejected, match="unknown request option: bogus"):
+            c.generate("hi", bogus=1)
+        with pytest.raises(RequestRejected, match="unknown request option: prompt"):
+            c.chat([{"role": "user", "content": "hi"}], prompt="x")
+
+
 def test_one_client_shared_by_threads(daemon: Daemon, reference: dict) -> None:
     out: dict[int, object] = {}
     with daemon.client() as c:

@@ -48,17 +48,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from flashmoe import __version__
-from flashmoe.protocol.messages import (
-    WORKER_ACCEPTS,
-    Hello,
-    LoadDone,
-    LoadFailed,
-    LoadRequest,
-    ProtocolError,
-    Shutdown,
-    decode,
-    encode,
-)
+from flashmoe.protocol import messages as wire
 from flashmoe.protocol.sockets import dealer
 from flashmoe.shm.pool import ExpertPool
 from flashmoe.workers.crc import crc_of_pieces
@@ -77,7 +67,7 @@ def _round_up(n: int, a: int) -> int:
 
 @dataclass
 class _Job:
-    req: LoadRequest
+    req: wire.LoadRequest
     t0: float
     remaining: int
     record_end: int
@@ -316,7 +306,7 @@ class Loader:
         for t in self._threads:
             t.start()
 
-    def submit(self, req: LoadRequest) -> None:
+    def submit(self, req: wire.LoadRequest) -> None:
         t0 = time.perf_counter()
         try:
             if not 0 <= req.slot < self.pool.nslots:
@@ -333,7 +323,7 @@ class Loader:
         for p in pieces:
             self.tasks.put((job, p), req.urgent)
 
-    def _chunk_for(self, req: LoadRequest) -> int:
+    def _chunk_for(self, req: wire.LoadRequest) -> int:
         """Split only across threads that are idle now; a busy worker reads whole extents."""
         return chunk_for(sum(e[2] for e in req.extents), self.tasks.idle, self.chunk)
 
@@ -409,10 +399,10 @@ class Loader:
         req = job.req
         if err is None:
             us = int((time.perf_counter() - job.t0) * 1e6)
-            msg = LoadDone(req.req, req.generation, req.slot, job.record_end, us)
+            msg = wire.LoadDone(req.req, req.generation, req.slot, job.record_end, us)
         else:
-            msg = LoadFailed(req.req, req.generation, req.slot, err)
-        self._local.send(encode(msg))
+            msg = wire.LoadFailed(req.req, req.generation, req.slot, err)
+        self._local.send(wire.encode(msg))
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -421,7 +411,7 @@ def serve(args: argparse.Namespace) -> int:
                     args.guess_threads)
     sock = dealer(args.endpoint, identity=str(args.worker_id).encode())
     loader._local.send = sock.send_multipart  # replies for requests refused up front
-    sock.send_multipart(encode(Hello(args.worker_id, os.getpid(), __version__)))
+    sock.send_multipart(wire.encode(wire.Hello(args.worker_id, os.getpid(), __version__)))
     # The coordinator's pid comes on the command line: one that died while this process was
     # still starting has already handed it to a reaper, so getppid() alone cannot tell.
     parent = args.parent_pid or os.getppid()
@@ -435,11 +425,11 @@ def serve(args: argparse.Namespace) -> int:
                     except zmq.Again:
                         break
                     try:
-                        msg = decode(frames, WORKER_ACCEPTS)
-                    except ProtocolError as e:  # the coordinator is trusted: log, keep serving
+                        msg = wire.decode(frames, wire.WORKER_ACCEPTS)
+                    except wire.ProtocolError as e:  # the coordinator is trusted: log, keep serving
                         print(f"loader {args.worker_id}: dropped message: {e}", file=sys.stderr)
                         continue
-                    if isinstance(msg, Shutdown):
+                    if isinstance(msg, wire.Shutdown):
                         running = False
                     else:
                         loader.submit(msg)
