@@ -156,8 +156,9 @@ class Engine:
                  io_threads: int | None = None, dtype: str | None = None,
                  experts_per_token: int | None = None, max_batch: int = 8,
                  lanes: str | int | None = None, max_context: int | str | None = None,
-                 kv_bits: int | None = None):
+                 kv_bits: int | None = None, stage=None):
         self.max_batch = max_batch
+        self.stage = stage  # a pipeline stage (orchestrator/distributed.py), or None
         self.settings = s = (settings or load_settings()).with_overrides(
             memory_budget=None if memory_budget is None else str(memory_budget),
             workers=workers, io_threads=io_threads, dtype=dtype,
@@ -166,6 +167,8 @@ class Engine:
         self.model_path = Path(model)
         self.model_name = self.model_path.name
         self.store = open_store(self.model_path)
+        if stage is not None:
+            stage.narrow(self.store)
         self.compute_dtype = resolve_dtype(s.dtype, self.store.config)
         top_k = experts_per_token or self.store.top_k
         if not 1 <= top_k <= self.store.num_experts:
@@ -173,7 +176,7 @@ class Engine:
                                 f"(the model's expert count), got {top_k}")
         cast = casts_model(s.dtype, self.compute_dtype, self.store.config)
         bp = self.budget_plan = plan_for_engine(self.store, s.memory_budget, self.compute_dtype,
-                                                cast, s)
+                                                cast, s, stage and stage.layers)
         self.max_context, budget = bp.max_context, bp.budget
         self.plan = plan_for(self.store, s, bp.pool_bytes, self.compute_dtype, top_k)
         self.budget = budget
@@ -198,6 +201,8 @@ class Engine:
             self.cache.copier = make_copier(self.cache, self.pool)  # None unless on CUDA
             override = _config_override(self.store.config, experts_per_token)
             self.model, self.config = load_dense(self.store.dense_dir, override)
+            if stage is not None:
+                stage.apply(self.model, self.config.get("model_type", "this model"))
             self.banks = install_streamed_banks(self.model, self.cache, self.store.quantization,
                                                 self.store.moe_layers,
                                                 prefetch=prefetch,
@@ -293,7 +298,10 @@ class Engine:
         if self._closed:
             raise FlashMoeError("engine is closed")
         prompt = self.prepare(req)
-        sampler = sampler_for(req)
+        model, sampler = self.model, sampler_for(req)
+        lead = self.stage.lead(self, prompt, req.max_tokens, sampler) if self.stage else None
+        if lead is not None:
+            model, sampler = lead.model, lead.sampler
         stop = StopText(req.stop)
         detok = self.tokenizer.detokenizer
         eos = set(self.tokenizer.eos_token_ids)
@@ -303,7 +311,7 @@ class Engine:
         ids: list[int] = []
         finish = "length"
         try:
-            for token, logprobs in generate_step(mx.array(prompt), self.model,
+            for token, logprobs in generate_step(mx.array(prompt), model,
                                                  max_tokens=req.max_tokens, sampler=sampler,
                                                  **kv_args(self.settings.kv_bits, self.config)):
                 if t_first is None:
@@ -324,11 +332,15 @@ class Engine:
                     break
         finally:
             self.cache.lane.idle()  # the last layers' pins and guesses, once they have run
+            if lead is not None:
+                lead.end(sys.exc_info()[1])
         detok.finalize()
         tail, hit = stop.feed(detok.last_segment) if finish != "stop_string" else ("", True)
         finish = "stop" if hit else finish
         t_end = time.perf_counter()
         stats = self.request_stats(snap, len(prompt), len(ids), t0, t_first or t_end, t_end)
+        if lead is not None:
+            stats["ranks"] = lead.ranks
         self._cancelled.discard(req.id)
         yield Chunk(req.id, tail + ("" if hit else stop.flush()), [], finish_reason=finish,
                     stats=stats)
@@ -432,6 +444,8 @@ class Engine:
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout=60)
+        if self.stage is not None:
+            self.stage.shutdown()
         self._shutdown_io()
 
     def _shutdown_io(self) -> None:
