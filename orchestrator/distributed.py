@@ -24,6 +24,7 @@ without a model call, which removes this rank's shared memory and loaders and ex
 from __future__ import annotations
 
 import os
+import queue
 import select
 import signal
 import socket
@@ -38,6 +39,7 @@ from mlx_lm.models.pipeline import PipelineMixin
 
 from flashmoe.errors import FlashMoeError
 from flashmoe.orchestrator.budget import kv_args
+from flashmoe.orchestrator.scheduler import Chunk
 from flashmoe.protocol.sockets import endpoint_path, runtime_dir
 from flashmoe.shm.pool import _pid_alive, cleanup_stale
 
@@ -49,6 +51,44 @@ _UNWIND_S = 5.0  # after SIGTERM/SIGINT: time the main thread has to clean up an
 # per-rank counters gathered after each request, in this order
 _COUNTERS = ("rank", "start", "end", "budget_bytes", "expert_hits", "expert_misses", "bytes_read",
              "peak_rss_bytes", "pool_bytes", "dense_bytes")
+
+
+def start_daemon(args, serve) -> int:
+    """``flashmoe-daemon start --distributed`` under mlx.launch: rank 0 runs the daemon (in the
+    foreground: ``serve``), the other ranks serve their stage until it stops."""
+    from flashmoe.configs import load_settings
+    from flashmoe.orchestrator.engine import Engine
+    from flashmoe.orchestrator.lifecycle import engine_kwargs
+
+    stage = join(args.split)
+    stage.watch_signals = stage.rank != 0
+
+    def factory(model: str, settings, **kw) -> Engine:
+        engine = Engine(model, settings, stage=stage, **kw)
+        try:
+            stage.ready(engine)
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    try:
+        if stage.rank == 0:
+            return serve(args, factory)
+        settings = load_settings().with_overrides(memory_budget=args.memory_budget,
+                                                  workers=args.workers)
+        with factory(os.path.abspath(args.model), settings, **engine_kwargs(args)) as engine:
+            stage.follow(engine)
+        return 0
+    except BaseException as e:
+        stage.broken = True
+        if not lost_peer(e):
+            raise
+        print(f"error: rank {stage.rank} ({stage.host}): lost the connection to another rank "
+              f"of the pipeline ({e})", file=sys.stderr)
+        return 2
+    finally:
+        stage.leave()
 
 
 class Stopped(Exception):
@@ -90,6 +130,8 @@ class Stage:
         self.timeout_s = 0.0
         self._mark: float | None = None  # when the request in flight last made a model call
         self.broken = False  # a peer was lost, or this rank was told to stop: send nothing more
+        self.ranks: list[dict] | None = None  # every rank's counters, as last gathered
+        self.watch_signals = True  # False where the main thread handles signals (daemon rank 0)
         self._engine = None
 
     # -- layers -----------------------------------------------------------------------------
@@ -157,13 +199,18 @@ class Stage:
         rows = np.array(mx.distributed.all_gather(x[None], group=self.group,
                                                   stream=generation_stream))
         out = []
-        for row in rows:
+        for row in rows.reshape(-1, rows.shape[-1]):
             d = dict(zip(_COUNTERS, (int(v) for v in row[:len(_COUNTERS)]), strict=True))
             d["host"] = bytes(int(b) for b in row[len(_COUNTERS):]).rstrip(b"\0").decode(
                 errors="replace")
             d["layers"] = [d.pop("start"), d.pop("end")]
             out.append(d)
+        self.ranks = out
         return out
+
+    def ready(self, engine) -> None:
+        """Every rank has built its engine: gather their counters once (status shows them)."""
+        self._counters(engine)
 
     # -- rank 0 -----------------------------------------------------------------------------
     def lead(self, engine, prompt: list[int], max_tokens: int, sampler) -> Lead:
@@ -180,6 +227,29 @@ class Stage:
                 mx.eval(self.bcast([SHUTDOWN, 0, 0]))
             except RuntimeError:  # a rank is gone already; the rest end on the lost connection
                 pass
+
+    def serve_queue(self, engine, requests: queue.Queue, cancelled: set) -> None:
+        """The daemon's engine thread on rank 0: one request at a time through the pipeline
+        (batching would need every rank to follow mlx-lm's batch generator)."""
+        while (item := requests.get()) is not None:
+            req, on_chunk = item
+            if req.id in cancelled or self.broken:
+                why = f"rank {self.rank} ({self.host}): the pipeline lost a rank"
+                on_chunk(Chunk(req.id, "", [], finish_reason="cancelled" if not self.broken
+                               else "error", error=why if self.broken else None))
+                continue
+            try:
+                for chunk in engine.generate(req):
+                    on_chunk(chunk)
+            except Exception as e:  # the request fails; the daemon goes on unless a rank is lost
+                lost = lost_peer(e)
+                msg = (f"rank {self.rank} ({self.host}): lost the connection to another rank of "
+                       f"the pipeline ({e})" if lost else f"{type(e).__name__}: {e}")
+                on_chunk(Chunk(req.id, "", [], finish_reason="error", error=msg))
+                if lost:
+                    self.broken = True
+                    os.kill(os.getpid(), signal.SIGTERM)  # the daemon stops, and says why
+                    print(f"error: {msg}", file=sys.stderr, flush=True)
 
     # -- ranks > 0 ---------------------------------------------------------------------------
     def follow(self, engine) -> None:
@@ -244,7 +314,9 @@ class Stage:
     def _watchdog(self, wake: int) -> None:
         while True:
             ready, _, _ = select.select([wake], [], [], 0.5)
-            if ready:
+            if ready and not self.watch_signals:
+                os.read(wake, 1)
+            elif ready:
                 signum = os.read(wake, 1)[0]
                 time.sleep(1.0)
                 if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # unwinding: let it

@@ -34,7 +34,7 @@ from flashmoe.orchestrator.cuda_copy import make_copier
 from flashmoe.orchestrator.loaders import LoaderPool
 from flashmoe.orchestrator.pool_plan import plan_for
 from flashmoe.orchestrator.prefix_cache import PrefixCache
-from flashmoe.orchestrator.sampling import StopText, sampler_for
+from flashmoe.orchestrator.sampling import StopText, sampler_for, token_logprobs
 from flashmoe.orchestrator.scheduler import Chunk, GenRequest, Lanes, Scheduler, check_finite
 from flashmoe.orchestrator.streamed import install_streamed_banks
 from flashmoe.protocol.request import RequestError, prompt_bytes
@@ -222,7 +222,7 @@ class Engine:
                                       f"({type(e).__name__}: {str(e)[:200]})") from e
             self.prefix_cache = PrefixCache(s.prefix_cache_entries,
                                             parse_size(s.prefix_cache_bytes)) \
-                if s.prefix_cache_entries > 0 else None
+                if s.prefix_cache_entries > 0 and stage is None else None
         except BaseException:
             self._shutdown_io()
             raise
@@ -326,7 +326,9 @@ class Engine:
                 ids.append(token)
                 detok.add_token(token)
                 text, hit = stop.feed(detok.last_segment)
-                yield Chunk(req.id, text, [token])
+                lps = [token_logprobs(logprobs, token, req.top_logprobs)] if req.logprobs \
+                    else None
+                yield Chunk(req.id, text, [token], logprobs=lps)
                 if hit:
                     finish = "stop_string"
                     break
@@ -343,7 +345,7 @@ class Engine:
             stats["ranks"] = lead.ranks
         self._cancelled.discard(req.id)
         yield Chunk(req.id, tail + ("" if hit else stop.flush()), [], finish_reason=finish,
-                    stats=stats)
+                    stats=stats, stop_sequence=stop.matched)
 
     def snapshot(self) -> tuple:
         st = self.cache.stats
@@ -402,7 +404,9 @@ class Engine:
         self._cancelled.add(req_id)
 
     def _loop(self) -> None:
-        if self.lanes > 1:
+        if self.stage is not None:
+            self.stage.serve_queue(self, self._queue, self._cancelled)
+        elif self.lanes > 1:
             Lanes(self, self.lanes, max_batch=self.max_batch).run(self._queue, self._cancelled)
         else:
             Scheduler(self, max_batch=self.max_batch).run(self._queue, self._cancelled)
@@ -434,6 +438,7 @@ class Engine:
             "workers": self.loader.workers_info(),
             "dense_bytes": self.dense_bytes,
             **(self.prefix_cache.stats() if self.prefix_cache is not None else {}),
+            **({"ranks": self.stage.ranks} if self.stage is not None else {}),
         }
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ or frozen mid-request."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -44,7 +45,7 @@ def ranks_of(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
     found = {}
     for c in psutil.Process(launcher.pid).children(recursive=True):
         try:
-            if "flashmoe.cli" in " ".join(c.cmdline()):
+            if c.cmdline()[1:3] in (["-m", "flashmoe.cli"], ["-m", "flashmoe.orchestrator.daemon"]):
                 found[int(c.environ()["MLX_RANK"])] = c
         except (psutil.Error, KeyError):
             pass
@@ -141,8 +142,11 @@ def _mid_request(model: Path, env: dict) -> tuple[subprocess.Popen, dict]:
     while len(out) < 8 and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.05)
         out += p.stdout.read() or b""
-    ranks = wait_for(lambda: ranks_of(p), 10, "both ranks")
-    return p, ranks
+    try:
+        return p, wait_for(lambda: ranks_of(p), 10, "both ranks")
+    except BaseException:
+        _end(p)
+        raise
 
 
 def _nothing_left(ranks: dict, runtime_dir: Path) -> None:
@@ -156,8 +160,11 @@ def _nothing_left(ranks: dict, runtime_dir: Path) -> None:
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_killed_rank_ends_the_others_and_leaves_nothing(models, runtime_dir, victim):
     p, ranks = _mid_request(models["qwen3_moe"], {})
-    ranks[victim].send_signal(signal.SIGKILL)
-    _, err = p.communicate(timeout=60)  # never a hang: the others end, with or without MLX
+    try:
+        ranks[victim].send_signal(signal.SIGKILL)
+        _, err = p.communicate(timeout=60)  # never a hang: the others end, with or without MLX
+    finally:
+        _end(p)
     assert f"Node with rank {victim} exited with code -9" in err.decode()
     _nothing_left(ranks, runtime_dir)
 
@@ -169,8 +176,88 @@ def test_a_frozen_rank_is_caught_by_the_watchdog(models, runtime_dir):
     try:
         wait_for(lambda: not ranks[0].is_running() or ranks[0].status() == "zombie", 60,
                  "rank 0 to give up")
-    finally:
         ranks[1].send_signal(signal.SIGCONT)
-    _, err = p.communicate(timeout=60)
+        _, err = p.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            ranks[1].send_signal(signal.SIGCONT)
+        _end(p)
     assert "error: rank 0" in err.decode() and "made no step in 2 s" in err.decode()
     _nothing_left(ranks, runtime_dir)
+
+
+def _end(p: subprocess.Popen) -> None:
+    """After a failed test: SIGTERM the ranks (killing mlx.launch would orphan them)."""
+    if p.poll() is None:
+        for r in ranks_of(p).values():
+            r.terminate()
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            for r in ranks_of(p).values():
+                r.kill()
+            p.kill()
+
+
+def _daemon(model: Path, sock: Path) -> tuple[subprocess.Popen, dict]:
+    from flashmoe.protocol.client import Client
+
+    p = launch(["-m", "flashmoe.orchestrator.daemon", "start", "--distributed", "--model",
+                str(model), "--socket", str(sock), "--memory-budget", BUDGET, "--workers", "1"])
+
+    def status():
+        assert p.poll() is None, p.communicate()[1].decode()[-2000:]
+        try:
+            with Client(sock, timeout=2.0) as c:
+                return c.status()
+        except Exception:
+            return None
+
+    try:
+        return p, wait_for(status, 120, "the daemon")
+    except BaseException:
+        _end(p)
+        raise
+
+
+def test_the_daemon_serves_across_two_ranks(models, runtime_dir):
+    from flashmoe.orchestrator.status_table import rows
+    from flashmoe.protocol.client import Client
+
+    model = models["qwen3_moe"]
+    want = single(model)
+    sock = runtime_dir.parent / "d.sock"
+    p, st = _daemon(model, sock)
+    try:
+        assert [r["layers"] for r in st["ranks"]] == [[2, 4], [0, 2]]
+        with Client(sock, timeout=60) as c:
+            assert c.generate(PROMPT, max_tokens=TOKENS).token_ids == want["token_ids"]
+            assert c.generate(PROMPT, max_tokens=TOKENS).token_ids == want["token_ids"]
+            st = c.status()
+        assert all(r["bytes_read"] > 0 for r in st["ranks"])
+        assert [what for what, _ in rows(st)][-2:] == ["rank 0", "rank 1"]
+        with Client(sock, timeout=10) as c:
+            c.shutdown()
+        _, err = p.communicate(timeout=60)
+    finally:
+        _end(p)
+    assert "exited with code" not in err.decode()  # every rank ended cleanly
+    assert not list(runtime_dir.glob("*.sock")) and not sock.exists()
+
+
+def test_a_killed_rank_fails_the_daemon_request_with_an_error(models, runtime_dir):
+    from flashmoe.protocol.client import Client, ClientError
+
+    sock = runtime_dir.parent / "d.sock"
+    p, _ = _daemon(models["qwen3_moe"], sock)
+    try:
+        ranks = wait_for(lambda: ranks_of(p), 10, "both ranks")
+        with Client(sock, timeout=60) as c, pytest.raises(ClientError, match="rank|daemon"):
+            for i, _ in enumerate(c.generate(PROMPT, max_tokens=1400, stream=True)):
+                if i == 4:
+                    ranks[1].send_signal(signal.SIGKILL)
+        p.communicate(timeout=60)
+    finally:
+        _end(p)
+    _nothing_left(ranks, runtime_dir)
+    assert not sock.exists()
