@@ -78,6 +78,16 @@ def test_two_ranks_give_the_tokens_of_one_process(models, arch, runtime_dir):
     assert not list(runtime_dir.glob("*.sock"))
 
 
+def test_an_uneven_split_gives_the_same_tokens(models, runtime_dir):
+    want = single(models["qwen3_moe"])
+    p = launch(run_args(models["qwen3_moe"], "--distributed", "--split", "3,1", "--json",
+                        "--max-tokens", str(TOKENS)))
+    out, err = p.communicate(timeout=180)
+    got = json.loads(out)
+    assert got["token_ids"] == want["token_ids"], err.decode()[-2000:]
+    assert [r["layers"] for r in got["stats"]["ranks"]] == [[1, 4], [0, 1]]
+
+
 DRIVER = """
 import json, sys
 from flashmoe.orchestrator.distributed import join
