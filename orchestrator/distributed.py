@@ -41,12 +41,12 @@ from flashmoe.errors import FlashMoeError
 from flashmoe.orchestrator.budget import kv_args
 from flashmoe.orchestrator.scheduler import Chunk
 from flashmoe.protocol.sockets import endpoint_path, runtime_dir
-from flashmoe.shm.pool import _pid_alive, cleanup_stale
+from flashmoe.shm.pool import _list_segments, _pid_alive, cleanup_stale
 
 GO, STOP = 1, 2
 REQUEST, SHUTDOWN = 1, 2
 _HOST_BYTES = 64
-_REAP_S = 0.5  # a killed process's sockets close a moment before it can be told dead
+_REAP_S = 2.0  # a killed process's sockets close a moment before it can be told dead
 _UNWIND_S = 5.0  # after SIGTERM/SIGINT: time the main thread has to clean up and exit
 # per-rank counters gathered after each request, in this order
 _COUNTERS = ("rank", "start", "end", "budget_bytes", "expert_hits", "expert_misses", "bytes_read",
@@ -59,6 +59,7 @@ def start_daemon(args, serve) -> int:
     from flashmoe.configs import load_settings
     from flashmoe.orchestrator.engine import Engine
     from flashmoe.orchestrator.lifecycle import engine_kwargs
+    from flashmoe.signals import unwind_on_signals
 
     stage = join(args.split)
     stage.watch_signals = stage.rank != 0
@@ -77,7 +78,8 @@ def start_daemon(args, serve) -> int:
             return serve(args, factory)
         settings = load_settings().with_overrides(memory_budget=args.memory_budget,
                                                   workers=args.workers)
-        with factory(os.path.abspath(args.model), settings, **engine_kwargs(args)) as engine:
+        with unwind_on_signals(), factory(os.path.abspath(args.model), settings,
+                                          **engine_kwargs(args)) as engine:
             stage.follow(engine)
         return 0
     except BaseException as e:
@@ -287,8 +289,9 @@ class Stage:
                 signal.signal(s, signal.SIG_IGN)
             if self._engine is not None:  # a signal may have cut its close short
                 release(self._engine)
-            time.sleep(_REAP_S)
-            cleanup_dead()
+            deadline = time.monotonic() + _REAP_S
+            while cleanup_dead() and time.monotonic() < deadline:
+                time.sleep(0.1)
 
     # -- watchdog ---------------------------------------------------------------------------
     def step(self) -> None:
@@ -352,9 +355,10 @@ def release(engine) -> None:
         path.unlink(missing_ok=True)
 
 
-def cleanup_dead() -> None:
+def cleanup_dead() -> bool:
     """Remove what flashmoe processes on this host that died without cleaning up (a rank killed
-    with SIGKILL) left: their shared-memory pools and loader sockets."""
+    with SIGKILL) left: their shared-memory pools and loader sockets; whether pools of other
+    live processes remain (a peer still closing, or one not yet reaped)."""
     cleanup_stale()
     for path in runtime_dir().glob("loaders-*-*.sock"):
         try:
@@ -363,6 +367,7 @@ def cleanup_dead() -> None:
             continue
         if not _pid_alive(pid):
             path.unlink(missing_ok=True)
+    return any(f"-{os.getpid()}-" not in name for name in _list_segments())
 
 
 class _Model:
