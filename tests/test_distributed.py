@@ -5,6 +5,7 @@ or frozen mid-request."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ def run_args(model: Path, *extra: str) -> list[str]:
             "--memory-budget", BUDGET, "--workers", "1", *extra]
 
 
+@functools.cache
 def single(model: Path, *extra: str) -> dict:
     out = subprocess.run([PY, *run_args(model, "--json", "--max-tokens", str(TOKENS), *extra)],
                          capture_output=True, text=True, timeout=120, check=True)
@@ -78,6 +80,7 @@ def test_two_ranks_give_the_tokens_of_one_process(models, arch, runtime_dir):
     assert not list(runtime_dir.glob("*.sock"))
 
 
+@pytest.mark.slow
 def test_an_uneven_split_gives_the_same_tokens(models, runtime_dir):
     want = single(models["qwen3_moe"])
     p = launch(run_args(models["qwen3_moe"], "--distributed", "--split", "3,1", "--json",
@@ -162,12 +165,13 @@ def _mid_request(model: Path, env: dict) -> tuple[subprocess.Popen, dict]:
 def _nothing_left(ranks: dict, runtime_dir: Path) -> None:
     for r in ranks.values():
         assert not shm_segments(r.pid)
-        assert not loader_workers(r.pid)
+        # a killed rank's loaders see their parent gone at their next poll (200 ms)
+        wait_for(lambda r=r: not loader_workers(r.pid), 10, "the loaders to exit")
         assert not r.is_running() or r.status() == psutil.STATUS_ZOMBIE
     assert not list(runtime_dir.glob("*.sock"))
 
 
-@pytest.mark.parametrize("victim", [1, 0])
+@pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])
 def test_a_killed_rank_ends_the_others_and_leaves_nothing(models, runtime_dir, victim):
     p, ranks = _mid_request(models["qwen3_moe"], {})
     try:
