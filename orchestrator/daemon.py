@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None, *, engine_factory: Callable | None = Non
     except SystemExit as e:  # a usage error (2), or --help / --version (0)
         return e.code if isinstance(e.code, int) else 0
     try:
+        if args.command == "start" and args.split and not args.distributed:
+            raise FlashMoeError("--split needs --distributed")
         if args.command == "start" and args.distributed:
             from flashmoe.orchestrator.distributed import start_daemon
 
