@@ -9,6 +9,7 @@ import sys
 from flashmoe.configs import format_size
 from flashmoe.orchestrator.engine import Engine, GenRequest
 from flashmoe.progress import loading
+from flashmoe.signals import Terminated
 
 
 def cmd_run(args) -> int:
@@ -37,6 +38,9 @@ def cmd_run(args) -> int:
         if stage is None:
             raise
         stage.broken = True
+        if isinstance(e, Terminated):  # mlx.launch stops every rank when one fails
+            print(f"error: rank {stage.rank} ({stage.host}): terminated (SIGTERM; mlx.launch "
+                  f"sends it when another rank fails)", file=sys.stderr)
         if not lost_peer(e):
             raise
         print(f"error: rank {stage.rank} ({stage.host}): lost the connection to another rank of "
