@@ -9,11 +9,11 @@ collective on mlx-lm's generation stream, so each rank runs them in one order wi
 own sends, receives and gathers:
 
 - a request: ``[kind, prompt tokens, max_tokens]``, then the prompt's token ids (``bcast``);
-- before every model call (a prefill chunk or a decode step): a control word, GO or STOP.
-  Rank 0 decides to stop (end of sequence, a stop string, a cancel) only after mlx-lm's
-  ``generate_step`` has queued the next step, so the followers learn it at their next call;
-- every sampled token: rank 0's token (the followers never sample, so ranks on different
-  machines cannot disagree);
+- before every model call (a prefill chunk or a decode step): a control word, GO or STOP, and
+  for a decode step the token rank 0 sampled, which the followers feed in place of their own
+  (they never sample, so ranks on different machines cannot disagree). Rank 0 decides to stop
+  (end of sequence, a stop string, a cancel) only after mlx-lm's ``generate_step`` has queued
+  the next step, so the followers learn it at their next call;
 - after a request: STOP, then every rank's counters (``all_gather``).
 
 A lost peer surfaces as MLX's ``[ring] connection to a peer was lost``; a peer that stops
@@ -174,21 +174,18 @@ class Stage:
     # -- messages ---------------------------------------------------------------------------
     def bcast(self, values, dtype=mx.int32) -> mx.array:
         """Rank 0's ``values`` on every rank (the others pass zeros of the same shape); lazy."""
-        x = mx.array(values, dtype=dtype)
+        x = values if isinstance(values, mx.array) else mx.array(values, dtype=dtype)
         if self.rank != 0:
             x = mx.zeros_like(x)
         return mx.distributed.all_sum(x, group=self.group, stream=generation_stream)
 
-    def _control(self, word: int) -> int:
-        return int(self.bcast([word]).item())
-
-    def _sampler(self, sampler=None):
-        def sample(logprobs: mx.array) -> mx.array:
-            tok = sampler(logprobs) if sampler is not None else mx.zeros(
-                logprobs.shape[:-1], dtype=mx.uint32)
-            mine = tok.astype(mx.int32) if self.rank == 0 else mx.zeros(tok.shape, mx.int32)
-            return mx.distributed.all_sum(mine, group=self.group).astype(tok.dtype)
-        return sample
+    def _control(self, word: int, token: mx.array | None = None) -> tuple[int, int]:
+        """Rank 0's control word and the token it sampled last (-1: none; lazy on rank 0)."""
+        x = mx.array([word, -1], dtype=mx.int32)
+        if token is not None and self.rank == 0:
+            x = mx.concatenate([x[:1], token.astype(mx.int32).reshape(1)])
+        word, tok = self.bcast(x).tolist()
+        return word, tok
 
     def _counters(self, engine) -> list[dict]:
         st = engine.cache.stats
@@ -270,13 +267,13 @@ class Stage:
             self._mark = time.monotonic()
             try:
                 for _ in generate_step(prompt, follower, max_tokens=max_tokens,
-                                       sampler=self._sampler(), **gen_kwargs):
+                                       sampler=_placeholder, **gen_kwargs):
                     pass
             except Stopped:
                 pass
             finally:
                 engine.cache.lane.idle()
-            if not follower.stopped and self._control(0) != STOP:
+            if not follower.stopped and self._control(0)[0] != STOP:
                 raise FlashMoeError(f"rank {self.rank}: rank 0 went on past max_tokens")
             self._mark = None
             self._counters(engine)
@@ -381,15 +378,23 @@ class _Model:
         return getattr(self._model, name)
 
 
+def _placeholder(logprobs: mx.array) -> mx.array:
+    """A follower's "sample": it never samples, rank 0's token comes with the next control."""
+    return mx.zeros(logprobs.shape[:-1], dtype=mx.uint32)
+
+
 class _Follower(_Model):
     stopped = False
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, inputs, *args, **kwargs):
         self._stage.step()
-        if self._stage._control(0) == STOP:
+        word, token = self._stage._control(0)
+        if word == STOP:
             self.stopped = True
             raise Stopped
-        return self._model(*args, **kwargs)
+        if token >= 0:  # a decode step: rank 0's token in place of the placeholder
+            inputs = mx.array([[token]], dtype=mx.uint32)
+        return self._model(inputs, *args, **kwargs)
 
 
 class Lead(_Model):
@@ -399,8 +404,13 @@ class Lead(_Model):
     def __init__(self, stage: Stage, engine, sampler):
         super().__init__(stage, engine.model)
         self._engine = engine
-        self.sampler = stage._sampler(sampler)
+        self._sample = sampler
+        self._last: mx.array | None = None  # the token sampled since the last model call
         self.ranks: list[dict] | None = None
+
+    def sampler(self, logprobs: mx.array) -> mx.array:
+        self._last = self._sample(logprobs)
+        return self._last
 
     @property
     def model(self) -> Lead:
@@ -408,7 +418,8 @@ class Lead(_Model):
 
     def __call__(self, *args, **kwargs):
         self._stage.step()
-        self._stage._control(GO)
+        self._stage._control(GO, self._last)  # a decode step's input is the token sent here
+        self._last = None
         return self._model(*args, **kwargs)
 
     def end(self, error: BaseException | None) -> None:
