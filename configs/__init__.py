@@ -62,6 +62,7 @@ class Settings:
     prefetch_threads: int = 0
     lanes: str = "auto"
     load_timeout_s: float = 30.0
+    distributed_timeout_s: float = 600.0
     worker_start_timeout_s: float = 30.0
     socket: str = ""
     max_prompt_tokens: int = 32768

@@ -13,6 +13,7 @@ from flashmoe.cli_args import (
     count,
     engine_args,
     int_in,
+    layer_split,
     positive_int,
     sampling_args,
     say,
@@ -110,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-bits", type=int, choices=[4, 8],
                    help="mlx-lm's quantized KV cache (default: off; `run` only)")
     p.add_argument("--json", action="store_true", help="print text, token ids and stats as JSON")
+    p.add_argument("--distributed", action="store_true",
+                   help="one pipeline stage of a group started by mlx.launch (rank 0 prints)")
+    p.add_argument("--split", type=layer_split, metavar="N,N,...",
+                   help="--distributed: decoder layers per rank, rank 0 first (rank 0 runs the "
+                   "last ones; default: even)")
 
     p = sub.add_parser("bench", help="benchmarks: io, decode")
     bsub = p.add_subparsers(dest="bench", required=True, parser_class=Parser)

@@ -99,6 +99,11 @@ def size(text: str) -> str:
     return text
 
 
+def layer_split(text: str) -> list[int]:
+    """Layers per pipeline rank: ``3,5``."""
+    return [positive_int(t.strip()) for t in text.split(",")]
+
+
 def lanes(text: str) -> str:
     return text if text == "auto" else str(int_in(1, 256)(text))
 

@@ -82,6 +82,13 @@ def small_config(config: dict, layers: int, experts: int | None = None,
     return tc
 
 
+def with_layers(config: dict, layers: int) -> dict:
+    """``config`` with ``layers`` decoder layers (a pipeline stage's count, for its KV cache)."""
+    if "text_config" in config:
+        return {**config, "text_config": {**config["text_config"], "num_hidden_layers": layers}}
+    return {**config, "num_hidden_layers": layers}
+
+
 def build_model(config: dict, dtype: mx.Dtype) -> nn.Module:
     """An mlx-lm model of ``config``'s class with random weights (lazy until evaluated)."""
     from mlx_lm.utils import _get_classes
@@ -279,13 +286,15 @@ def ignored_tensors(store) -> dict:
     return out
 
 
-def dense_in_memory(store, compute: mx.Dtype, cast: bool) -> int:
-    """Bytes the dense weights take once loaded: the tensors the model loads, floating ones in
-    ``compute`` when the engine casts the model (``cast``)."""
+def dense_in_memory(store, compute: mx.Dtype, cast: bool, layers: range | None = None) -> int:
+    """Bytes the dense weights take once loaded: the tensors the model loads (of ``layers``
+    and the layer-less ones, for a pipeline stage), floating ones in ``compute`` when the engine
+    casts the model (``cast``)."""
     ignored = ignored_tensors(store)
     total = 0
     for name, t in store.dense_tensors().items():
-        if name in ignored:
+        m = _LAYER.search(name)
+        if name in ignored or (layers is not None and m and int(m[1]) not in layers):
             continue
         if cast and t.dtype in FLOATS:
             total += math.prod(t.shape) * compute.size
@@ -314,22 +323,25 @@ def parse_context(setting) -> int | None:
     return int(v)
 
 
-def plan_for_engine(store, setting, compute: mx.Dtype, cast: bool, settings) -> BudgetPlan:
+def plan_for_engine(store, setting, compute: mx.Dtype, cast: bool, settings,
+                    layers: range | None = None) -> BudgetPlan:
     """The engine's split of its ``memory_budget`` setting (``auto``: the dense weights plus
-    ``auto_budget_fraction`` of the memory available beyond them)."""
+    ``auto_budget_fraction`` of the memory available beyond them); a pipeline stage holds the
+    dense weights and KV cache of its ``layers`` only."""
     import psutil
 
     from flashmoe.configs import parse_size
 
     if settings.kv_bits not in (0, 4, 8):
         raise BudgetError(f"kv bits must be 4 or 8 (0 = off), got {settings.kv_bits}")
-    dense = dense_in_memory(store, compute, cast)
+    dense = dense_in_memory(store, compute, cast, layers)
     if str(setting) == "auto":
         avail = psutil.virtual_memory().available
         budget = dense + max(0, int((avail - dense) * settings.auto_budget_fraction))
     else:
         budget = parse_size(setting)
-    kv = measure_kv(store.config, compute, settings.kv_bits or None)
+    config = store.config if layers is None else with_layers(store.config, len(layers))
+    kv = measure_kv(config, compute, settings.kv_bits or None)
     return plan_budget(budget, store.config, kv, dense, min_pool_bytes(store, compute),
                        compute.size, parse_context(settings.max_context))
 

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from flashmoe.cli_args import Parser, add_version, count, engine_args, seconds
+from flashmoe.cli_args import Parser, add_version, count, engine_args, layer_split, seconds
 from flashmoe.errors import FlashMoeError
 from flashmoe.orchestrator.lifecycle import running_pid, serve, start_detached
 from flashmoe.protocol import sockets
@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=seconds, default=30.0,
                    help="seconds running requests may take to finish on stop")
     p.add_argument("--engine", default=DEFAULT_ENGINE, help=argparse.SUPPRESS)
+    p.add_argument("--distributed", action="store_true",
+                   help="one pipeline stage of a group started by mlx.launch; rank 0 serves "
+                   "(in the foreground), one request at a time")
+    p.add_argument("--split", type=layer_split, metavar="N,N,...",
+                   help="--distributed: decoder layers per rank, rank 0 first (default: even)")
     p = sub.add_parser("status", help="show the running daemon's status")
     p.add_argument("--socket", help=sock_help)
     p.add_argument("--json", action="store_true", help="print every field as JSON")
@@ -134,6 +139,12 @@ def main(argv: list[str] | None = None, *, engine_factory: Callable | None = Non
     except SystemExit as e:  # a usage error (2), or --help / --version (0)
         return e.code if isinstance(e.code, int) else 0
     try:
+        if args.command == "start" and args.split and not args.distributed:
+            raise FlashMoeError("--split needs --distributed")
+        if args.command == "start" and args.distributed:
+            from flashmoe.orchestrator.distributed import start_daemon
+
+            return start_daemon(args, serve)
         if args.command == "start":
             if args.foreground or engine_factory is not None:
                 return serve(args, engine_factory)

@@ -35,7 +35,7 @@ from flashmoe.orchestrator.kv_ledger import KvLedger
 from flashmoe.orchestrator.loaders import LoaderPool
 from flashmoe.orchestrator.pool_plan import plan_for
 from flashmoe.orchestrator.prefix_cache import PrefixCache
-from flashmoe.orchestrator.sampling import StopText, sampler_for
+from flashmoe.orchestrator.sampling import StopText, sampler_for, token_logprobs
 from flashmoe.orchestrator.scheduler import Chunk, GenRequest, Lanes, Scheduler, check_finite
 from flashmoe.orchestrator.streamed import install_streamed_banks
 from flashmoe.protocol.request import RequestError, prompt_bytes
@@ -157,8 +157,9 @@ class Engine:
                  io_threads: int | None = None, dtype: str | None = None,
                  experts_per_token: int | None = None, max_batch: int = 8,
                  lanes: str | int | None = None, max_context: int | str | None = None,
-                 kv_bits: int | None = None):
+                 kv_bits: int | None = None, stage=None):
         self.max_batch = max_batch
+        self.stage = stage  # a pipeline stage (orchestrator/distributed.py), or None
         self.settings = s = (settings or load_settings()).with_overrides(
             memory_budget=None if memory_budget is None else str(memory_budget),
             workers=workers, io_threads=io_threads, dtype=dtype,
@@ -167,6 +168,8 @@ class Engine:
         self.model_path = Path(model)
         self.model_name = self.model_path.name
         self.store = open_store(self.model_path)
+        if stage is not None:
+            stage.narrow(self.store)
         self.compute_dtype = resolve_dtype(s.dtype, self.store.config)
         top_k = experts_per_token or self.store.top_k
         if not 1 <= top_k <= self.store.num_experts:
@@ -174,7 +177,7 @@ class Engine:
                                 f"(the model's expert count), got {top_k}")
         cast = casts_model(s.dtype, self.compute_dtype, self.store.config)
         bp = self.budget_plan = plan_for_engine(self.store, s.memory_budget, self.compute_dtype,
-                                                cast, s)
+                                                cast, s, stage and stage.layers)
         self.max_context, budget = bp.max_context, bp.budget
         self.plan = plan_for(self.store, s, bp.pool_bytes, self.compute_dtype, top_k)
         self.budget = budget
@@ -199,6 +202,8 @@ class Engine:
             self.cache.copier = make_copier(self.cache, self.pool)  # None unless on CUDA
             override = _config_override(self.store.config, experts_per_token)
             self.model, self.config = load_dense(self.store.dense_dir, override)
+            if stage is not None:
+                stage.apply(self.model, self.config.get("model_type", "this model"))
             self.banks = install_streamed_banks(self.model, self.cache, self.store.quantization,
                                                 self.store.moe_layers,
                                                 prefetch=prefetch,
@@ -218,7 +223,7 @@ class Engine:
                                       f"({type(e).__name__}: {str(e)[:200]})") from e
             self.prefix_cache = PrefixCache(s.prefix_cache_entries,
                                             parse_size(s.prefix_cache_bytes)) \
-                if s.prefix_cache_entries > 0 else None
+                if s.prefix_cache_entries > 0 and stage is None else None
             self.kv_ledger = KvLedger(bp.kv, bp.kv_bytes, self.prefix_cache)
         except BaseException:
             self._shutdown_io()
@@ -295,7 +300,10 @@ class Engine:
         if self._closed:
             raise FlashMoeError("engine is closed")
         prompt = self.prepare(req)
-        sampler = sampler_for(req)
+        model, sampler = self.model, sampler_for(req)
+        lead = self.stage.lead(self, prompt, req.max_tokens, sampler) if self.stage else None
+        if lead is not None:
+            model, sampler = lead.model, lead.sampler
         stop = StopText(req.stop)
         detok = self.tokenizer.detokenizer
         eos = set(self.tokenizer.eos_token_ids)
@@ -305,7 +313,7 @@ class Engine:
         ids: list[int] = []
         finish = "length"
         try:
-            for token, logprobs in generate_step(mx.array(prompt), self.model,
+            for token, logprobs in generate_step(mx.array(prompt), model,
                                                  max_tokens=req.max_tokens, sampler=sampler,
                                                  **kv_args(self.settings.kv_bits, self.config)):
                 if t_first is None:
@@ -320,20 +328,26 @@ class Engine:
                 ids.append(token)
                 detok.add_token(token)
                 text, hit = stop.feed(detok.last_segment)
-                yield Chunk(req.id, text, [token])
+                lps = [token_logprobs(logprobs, token, req.top_logprobs)] if req.logprobs \
+                    else None
+                yield Chunk(req.id, text, [token], logprobs=lps)
                 if hit:
                     finish = "stop_string"
                     break
         finally:
             self.cache.lane.idle()  # the last layers' pins and guesses, once they have run
+            if lead is not None:
+                lead.end(sys.exc_info()[1])
         detok.finalize()
         tail, hit = stop.feed(detok.last_segment) if finish != "stop_string" else ("", True)
         finish = "stop" if hit else finish
         t_end = time.perf_counter()
         stats = self.request_stats(snap, len(prompt), len(ids), t0, t_first or t_end, t_end)
+        if lead is not None:
+            stats["ranks"] = lead.ranks
         self._cancelled.discard(req.id)
         yield Chunk(req.id, tail + ("" if hit else stop.flush()), [], finish_reason=finish,
-                    stats=stats)
+                    stats=stats, stop_sequence=stop.matched)
 
     def snapshot(self) -> tuple:
         st = self.cache.stats
@@ -392,7 +406,9 @@ class Engine:
         self._cancelled.add(req_id)
 
     def _loop(self) -> None:
-        if self.lanes > 1:
+        if self.stage is not None:
+            self.stage.serve_queue(self, self._queue, self._cancelled)
+        elif self.lanes > 1:
             Lanes(self, self.lanes, max_batch=self.max_batch).run(self._queue, self._cancelled)
         else:
             Scheduler(self, max_batch=self.max_batch).run(self._queue, self._cancelled)
@@ -425,6 +441,7 @@ class Engine:
             "workers": self.loader.workers_info(),
             "dense_bytes": self.dense_bytes,
             **(self.prefix_cache.stats() if self.prefix_cache is not None else {}),
+            **({"ranks": self.stage.ranks} if self.stage is not None else {}),
         }
 
     def close(self) -> None:
@@ -435,6 +452,8 @@ class Engine:
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout=60)
+        if self.stage is not None:
+            self.stage.shutdown()
         self._shutdown_io()
 
     def _shutdown_io(self) -> None:

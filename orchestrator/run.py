@@ -9,6 +9,7 @@ import sys
 from flashmoe.configs import format_size
 from flashmoe.orchestrator.engine import Engine, GenRequest
 from flashmoe.progress import loading
+from flashmoe.signals import Terminated
 
 
 def cmd_run(args) -> int:
@@ -23,11 +24,43 @@ def cmd_run(args) -> int:
         min_p=args.min_p,
         seed=args.seed,
     )
+    stage = None
+    if getattr(args, "distributed", False):
+        from flashmoe.orchestrator.distributed import join, lost_peer
+
+        stage = join(args.split)
+    elif getattr(args, "split", None):
+        print("error: --split needs --distributed", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, req, stage)
+    except BaseException as e:
+        if stage is None:
+            raise
+        stage.broken = True
+        if isinstance(e, Terminated):  # mlx.launch stops every rank when one fails
+            print(f"error: rank {stage.rank} ({stage.host}): terminated (SIGTERM; mlx.launch "
+                  f"sends it when another rank fails)", file=sys.stderr)
+        if not lost_peer(e):
+            raise
+        print(f"error: rank {stage.rank} ({stage.host}): lost the connection to another rank of "
+              f"the pipeline ({e})", file=sys.stderr)
+        return 2
+    finally:
+        if stage is not None:
+            stage.leave()
+
+
+def _run(args, req: GenRequest, stage) -> int:
     with loading(args.model):
         engine = Engine(os.path.abspath(args.model), memory_budget=args.memory_budget,
                         workers=args.workers, io_threads=args.io_threads, dtype=args.dtype,
                         experts_per_token=args.experts_per_token, max_context=args.max_context,
-                        kv_bits=args.kv_bits)
+                        kv_bits=args.kv_bits, stage=stage)
+    if stage is not None and stage.rank != 0:
+        with engine:
+            stage.follow(engine)
+        return 0
     with engine:
         try:
             engine.validate(req)

@@ -56,6 +56,12 @@ def rows(st: dict) -> list[tuple[str, str]]:
     ]  # fmt: skip
     if st.get("http"):
         out.append(("http", str(st["http"])))
+    for r in st.get("ranks") or ():  # a pipeline across processes (start --distributed)
+        seen = r["expert_hits"] + r["expert_misses"]
+        first, end = r["layers"]
+        out.append((f"rank {r['rank']}", f"{r['host']}, layers {first}..{end - 1}, budget "
+                    f"{_size(r, 'budget_bytes')}, hit rate "
+                    f"{r['expert_hits'] / seen if seen else 0:.1%}, read {_size(r, 'bytes_read')}"))
     return out
 
 
