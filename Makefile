@@ -26,7 +26,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q -x -n 2 --durations=15 -m 'not slow and not gpu and not serial'
+	$(BIN)/python -m pytest -q -x -m serial
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -327,6 +327,7 @@ def test_orphan_workers_exit_when_the_coordinator_dies_during_their_start(tmp_pa
         cleanup_stale()
 
 
+@pytest.mark.serial
 def test_sigkilled_daemon_restarts_clean(tiny_model: Path, runtime_dir: Path) -> None:
     """SIGKILL the daemon mid-request: the client raises at once, the dead daemon's workers
     exit by themselves, the next start removes its shared memory, sockets and pid file."""

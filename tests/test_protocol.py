@@ -200,8 +200,7 @@ def test_runtime_dir_private(tmp_path, monkeypatch):
     assert ep.startswith("ipc://" + str(d))
 
 
-def test_router_dealer_round_trip(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+def test_router_dealer_round_trip(runtime_dir):
     ep = sockets.fresh_endpoint("t")
     r = sockets.router(ep)
     d = sockets.dealer(ep, identity=b"7")
