@@ -86,8 +86,7 @@ def start_daemon(args, serve) -> int:
         stage.broken = True
         if not lost_peer(e):
             raise
-        print(f"error: rank {stage.rank} ({stage.host}): lost the connection to another rank "
-              f"of the pipeline ({e})", file=sys.stderr)
+        print(lost_peer_line(stage, e), file=sys.stderr)
         return 2
     finally:
         stage.leave()
@@ -100,6 +99,11 @@ class Stopped(Exception):
 def lost_peer(e: BaseException | None) -> bool:
     """Whether ``e`` is MLX's distributed backend reporting a lost or failed peer."""
     return isinstance(e, RuntimeError) and str(e).startswith(("[ring]", "[mpi]", "[jaccl]"))
+
+
+def lost_peer_line(stage: Stage, e: BaseException) -> str:
+    return (f"error: rank {stage.rank} ({stage.host}): lost the connection to another rank of "
+            f"the pipeline ({e})")
 
 
 def join(split: list[int] | None = None) -> Stage:

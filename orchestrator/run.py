@@ -26,7 +26,7 @@ def cmd_run(args) -> int:
     )
     stage = None
     if getattr(args, "distributed", False):
-        from flashmoe.orchestrator.distributed import join, lost_peer
+        from flashmoe.orchestrator.distributed import join, lost_peer, lost_peer_line
 
         stage = join(args.split)
     elif getattr(args, "split", None):
@@ -43,8 +43,7 @@ def cmd_run(args) -> int:
                   f"sends it when another rank fails)", file=sys.stderr)
         if not lost_peer(e):
             raise
-        print(f"error: rank {stage.rank} ({stage.host}): lost the connection to another rank of "
-              f"the pipeline ({e})", file=sys.stderr)
+        print(lost_peer_line(stage, e), file=sys.stderr)
         return 2
     finally:
         if stage is not None:

@@ -27,22 +27,9 @@ from typing import Any
 import zmq
 
 from flashmoe.configs import Settings
+from flashmoe.protocol import messages as wire
 from flashmoe.protocol import sockets
 from flashmoe.protocol.client import DaemonPaths
-from flashmoe.protocol.messages import (
-    DAEMON_ACCEPTS,
-    Cancel,
-    Done,
-    Error,
-    Generate,
-    ProtocolError,
-    Shutdown,
-    StatusReply,
-    StatusRequest,
-    Token,
-    decode,
-    encode,
-)
 from flashmoe.protocol.request import Request
 
 log = logging.getLogger("flashmoe.daemon")
@@ -288,33 +275,34 @@ class Front:
                 self._handle(ident, body)
             except Exception as e:
                 log.exception("handling a message failed")
-                self._send(ident, Error(id=None, code="internal", message=public_error(str(e))))
+                self._send(ident, wire.Error(id=None, code="internal",
+                                             message=public_error(str(e))))
 
     def _handle(self, ident: bytes, body: list[bytes]) -> None:
         try:
-            msg = decode(body, DAEMON_ACCEPTS, self.settings.max_message_bytes)
-        except ProtocolError as e:
+            msg = wire.decode(body, wire.DAEMON_ACCEPTS, self.settings.max_message_bytes)
+        except wire.ProtocolError as e:
             log.warning("bad message from %s: %s", ident.hex(), e)
-            self._send(ident, Error(id=None, code=e.code, message=e.message))
+            self._send(ident, wire.Error(id=None, code=e.code, message=e.message))
             return
         kind = type(msg)
-        if kind is Generate:
+        if kind is wire.Generate:
             self._generate(ident, msg)
-        elif kind is Cancel:
+        elif kind is wire.Cancel:
             key = _key(ident, msg.id)
             if key in self._reqs:
                 self.service.cancel(key)
-        elif kind is StatusRequest:
-            self._send(ident, StatusReply(status=self.service.status()))
-        elif kind is Shutdown:
+        elif kind is wire.StatusRequest:
+            self._send(ident, wire.StatusReply(status=self.service.status()))
+        elif kind is wire.Shutdown:
             log.info("shutdown requested by a client")
-            self._send(ident, StatusReply(status={"stopping": True, "pid": os.getpid()}))
+            self._send(ident, wire.StatusReply(status={"stopping": True, "pid": os.getpid()}))
             self.request_stop()
 
-    def _generate(self, ident: bytes, msg: Generate) -> None:
+    def _generate(self, ident: bytes, msg: wire.Generate) -> None:
         key = _key(ident, msg.id)
         if key in self._reqs:
-            self._send(ident, Error(msg.id, "duplicate_id", f"request {msg.id} is in flight"))
+            self._send(ident, wire.Error(msg.id, "duplicate_id", f"request {msg.id} is in flight"))
             return
         req = new_request(
             id=key,
@@ -336,7 +324,7 @@ class Front:
         except (ValueError, ServiceStopping) as e:
             del self._reqs[key]
             code = "invalid_request" if isinstance(e, ValueError) else "stopping"
-            self._send(ident, Error(msg.id, code, str(e)))
+            self._send(ident, wire.Error(msg.id, code, str(e)))
 
     def _flush(self) -> None:
         while True:
@@ -350,25 +338,26 @@ class Front:
             r.text.append(chunk.text)
             r.ids.extend(chunk.token_ids)
             if r.stream and (chunk.text or chunk.token_ids):
-                if not self._send(r.ident, Token(r.client_id, chunk.text, list(chunk.token_ids))):
+                token = wire.Token(r.client_id, chunk.text, list(chunk.token_ids))
+                if not self._send(r.ident, token):
                     continue
             if chunk.finish_reason is None:
                 continue
             del self._reqs[chunk.id]
             if chunk.finish_reason == "error":
                 why = public_error(chunk.error or "engine error")
-                reply = Error(r.client_id, "engine_error", why)
+                reply = wire.Error(r.client_id, "engine_error", why)
             else:
                 stats = plain(chunk.stats or {})
-                reply = Done(r.client_id, "".join(r.text), r.ids, stats, chunk.finish_reason)
+                reply = wire.Done(r.client_id, "".join(r.text), r.ids, stats, chunk.finish_reason)
             self._send(r.ident, reply)
 
     def _send(self, ident: bytes, msg: Any) -> bool:
         try:
-            frames = encode(msg)
-        except ProtocolError as e:  # our own bug; the client still gets an answer
+            frames = wire.encode(msg)
+        except wire.ProtocolError as e:  # our own bug; the client still gets an answer
             log.error("cannot encode %s: %s", type(msg).__name__, e)
-            frames = encode(Error(getattr(msg, "id", None), "internal", str(e)))
+            frames = wire.encode(wire.Error(getattr(msg, "id", None), "internal", str(e)))
         try:
             self._router.send_multipart([ident, *frames], flags=zmq.NOBLOCK)
             return True
