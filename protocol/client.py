@@ -254,7 +254,7 @@ class Client(_Closing):
 
     # -- public API ---------------------------------------------------------------------------
 
-    def generate(self, prompt: str | list[int], stream: bool = False,
+    def generate(self, prompt: str | list[int], *, stream: bool = False,
                  **options: Any) -> Result | Stream:
         """Complete raw text, or token ids (a list of ints, used as they are, no special
         tokens added). Returns a ``Result``, or with ``stream=True`` a ``Stream``. ``options``
@@ -270,7 +270,7 @@ class Client(_Closing):
         return self._start(stream, prompt=None if ids else prompt,
                            prompt_ids=list(prompt) if ids else None, **_options(options))
 
-    def chat(self, messages: list[dict], stream: bool = False,
+    def chat(self, messages: list[dict], *, stream: bool = False,
              **options: Any) -> Result | Stream:
         """Like ``generate`` for a conversation ``[{"role": ..., "content": ...}, ...]``, rendered
         with the model's chat template."""
