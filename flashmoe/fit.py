@@ -63,13 +63,11 @@ SMALL_VOCAB = 32768  # the measured model's vocabulary at most (its output head 
 
 @dataclass(frozen=True)
 class ComputeRate:
-    """Seconds of compute per decode token and per prefill token, and the share of a prefill
-    token's time spent in the expert banks."""
+    """Seconds of compute per decode token and per prefill token."""
 
     decode_s: float
     decode_spread: float  # relative spread of the repeats (interquartile / median)
     prefill_s: float
-    bank_share: float
 
 
 @dataclass(frozen=True)
@@ -141,8 +139,8 @@ def _experts(store) -> int:
     return min(store.num_experts, max(2 * store.top_k, 32))
 
 
-def _layers_model(store, layers: int, dtype: mx.Dtype) -> tuple[nn.Module, nn.Module]:
-    """The model and its first expert bank."""
+def _layers_model(store, layers: int, dtype: mx.Dtype) -> nn.Module:
+    """A model of ``layers`` layers of the checkpoint's shape, quantized as it is, random."""
     cfg = B.small_config(store.config, layers, experts=_experts(store), vocab=SMALL_VOCAB)
     model = B.build_model(cfg, dtype)
     dense_q = store.config.get("quantization") or store.config.get("quantization_config")
@@ -151,7 +149,7 @@ def _layers_model(store, layers: int, dtype: mx.Dtype) -> tuple[nn.Module, nn.Mo
     banks = _banks(model)
     for parent, attr, bank in banks:
         setattr(parent, attr, _SyncedBank(bank))
-    return model, banks[0][2]
+    return model
 
 
 class _TimedLayer:
@@ -204,21 +202,13 @@ def _steps(model: nn.Module, spent: list[float], tokens: int, repeats: int, voca
     return layers[1:], rest[1:]  # the first step warms up
 
 
-def _bank_time(bank: nn.Module, experts: int, tokens: int, top_k: int, hidden: int,
-               dtype: mx.Dtype) -> float:
-    x = mx.random.normal((1, tokens, hidden)).astype(dtype)
-    idx = mx.random.randint(0, experts, (1, tokens, top_k)).astype(mx.uint32)
-    mx.eval(x, idx, bank(x, idx))
-    return min(_time(lambda: mx.eval(bank(x, idx)), 1))
-
-
 def measure_compute(store, dtype: mx.Dtype, seconds: float = MEASURE_SECONDS,
                     prefill_tokens: int = 64) -> ComputeRate:
     """Time the decoder layers of one period and the rest of a step apart, and scale the
     layers' time to the model's layer count (see the module docstring)."""
     period = B.layer_period(store.config)
     scale = store.num_layers / period
-    model, bank = _layers_model(store, period, dtype)
+    model = _layers_model(store, period, dtype)
     spent = _time_layers(model)
     full_vocab = int(B._text(store.config)["vocab_size"])
     vocab = min(full_vocab, SMALL_VOCAB)
@@ -229,10 +219,7 @@ def measure_compute(store, dtype: mx.Dtype, seconds: float = MEASURE_SECONDS,
     decode = statistics.median(per_step)
     p_layers, p_rest = _steps(model, spent, prefill_tokens, 1, vocab)
     prefill = (head * p_rest[0] + scale * p_layers[0]) / prefill_tokens
-    hidden = int(B._text(store.config)["hidden_size"])
-    bank_s = _bank_time(bank, _experts(store), prefill_tokens, store.top_k, hidden, dtype)
-    share = min(1.0, bank_s * period / max(p_layers[0], 1e-9))
-    return ComputeRate(decode, (q[2] - q[0]) / decode, prefill, share)
+    return ComputeRate(decode, (q[2] - q[0]) / decode, prefill)
 
 
 # -- reads ---------------------------------------------------------------------------------------
@@ -422,15 +409,15 @@ def forecast(store, plan: B.BudgetPlan, compute: ComputeRate, io: IoRate, hit_of
     total = parts["compute_s"] + parts["io_s"] + parts["copy_s"]
     margin = min(MAX_MARGIN, MODEL_MARGIN + max(compute.decode_spread, io.spread) / 2)
     expected = 1 / total
-    # Prefill: each step of up to 2,048 tokens reads the union of its experts once per layer
-    # and computes the banks once per group of experts the cache can hold.
+    # Prefill: each step of up to 2,048 tokens reads the union of its experts once per layer,
+    # group by group where the cache holds fewer (each group computes only its own tokens).
     step = min(B.PREFILL_STEP, prefill_tokens)
     steps = math.ceil(prefill_tokens / step)
     union = E * (1 - (1 - k / E) ** step)
     groups = math.ceil(union / pool.cache_slots)
     missed = layers * union * (1 - hit if groups == 1 else 1)
     read_s = steps * (layers * io.latency_s + missed * (io.per_record_s + io.copy_s))
-    compute_s = prefill_tokens * compute.prefill_s * (1 + (groups - 1) * compute.bank_share)
+    compute_s = prefill_tokens * compute.prefill_s
     return dict(
         cache_slots=pool.cache_slots, staging_slots=pool.staging_slots,
         cached_share=share, hit_rate=hit,

@@ -171,11 +171,14 @@ class StreamedBank:
         return out[mx.array(np.argsort(order))].reshape(*ids.shape, x.shape[-1])
 
     def _grouped(self, x, ids, experts):
-        """More distinct experts than cache slots (a long prefill on a small budget): the rows
-        of one group of experts at a time, computed before the next group may evict them, and
-        the disjoint results added."""
+        """More distinct experts than cache slots (a long prefill on a small budget): one group
+        of experts at a time, each group's (token, expert) pairs computed before the next group
+        may evict them; every expert's pairs in one part, as in ``_progressive``."""
         cap = self.cache.nslots
-        out = None
+        flat = ids.reshape(-1)
+        k = ids.shape[-1]
+        xs = x.reshape(-1, x.shape[-1])
+        parts, orders = [], []
         for start in range(0, experts.size, cap):
             group = experts[start:start + cap]
             h = self.cache.request(self.layer, group)
@@ -183,14 +186,17 @@ class StreamedBank:
                 h.wait()
                 remap = np.zeros(self.num_experts, dtype=np.uint32)
                 remap[group] = h.slots
-                part = self.inner(x, mx.array(remap[ids]))
-                mask = mx.array(np.isin(ids, group))[..., None]
-                part = mx.where(mask, part, mx.zeros_like(part))
+                pairs = np.flatnonzero(np.isin(flat, group))
+                part = self.inner(xs[mx.array(pairs // k)], mx.array(remap[flat[pairs]][:, None]))
                 mx.eval(part)
             finally:
                 h.release()
-            out = part if out is None else out + part
-        return out
+            parts.append(part)
+            orders.append(pairs)
+        self.cache.stats.parts += len(parts)
+        order = np.concatenate(orders)
+        return mx.concatenate(parts)[mx.array(np.argsort(order))].reshape(*ids.shape,
+                                                                          x.shape[-1])
 
 
 def _best_first(guess: np.ndarray) -> list[int]:

@@ -16,10 +16,12 @@ from mlx_lm import stream_generate
 from support import mlx_lm_ids
 
 from flashmoe.errors import BudgetError
+from flashmoe.orchestrator import engine as engine_module
 from flashmoe.orchestrator.budget import budget_for_pool
+from flashmoe.orchestrator.cache import PoolPlan, cache_record_bytes
 from flashmoe.orchestrator.engine import Engine, GenRequest
 from flashmoe.pack import pack
-from flashmoe.store import open_store
+from flashmoe.store import RECORD_ALIGN, open_store
 from flashmoe.synth import synth
 
 ARCHS = ["qwen3_moe", "qwen3_5_moe", "deepseek_v3", "mixtral"]
@@ -266,6 +268,35 @@ def test_long_prompt_overlaps_and_stays_exact(models):
         got = [t for c in eng.generate(GenRequest(id="l", prompt=prompt, max_tokens=8))
                for t in c.token_ids]
         assert eng.cache.stats.overlapped > 0
+    assert got == want
+
+
+def test_a_layer_needing_more_experts_than_slots_goes_group_by_group(models, monkeypatch):
+    """A prompt whose layers route to more experts than the cache has slots: each group's pairs
+    are computed alone (the other groups' rows are not recomputed), and the tokens are mlx-lm's."""
+    from flashmoe.orchestrator.streamed import StreamedBank
+
+    path = models[("qwen3_moe", "mlx")]
+    prompt = " ".join(f"word{i} and more" for i in range(40))
+    want = reference_ids(path, prompt, 6)
+    groups = []
+    grouped = StreamedBank._grouped
+
+    def spy(self, x, ids, experts):
+        groups.append(-(-experts.size // self.cache.nslots))
+        return grouped(self, x, ids, experts)
+
+    monkeypatch.setattr(StreamedBank, "_grouped", spy)
+    store = open_store(path)
+    plan = PoolPlan(6, 4, cache_record_bytes(store.layout, mx.float32),
+                    -(-store.layout.nbytes // RECORD_ALIGN) * RECORD_ALIGN)
+    monkeypatch.setattr(engine_module, "plan_for", lambda *a, **k: plan)  # 6 of 16 experts
+    with Engine(str(path), memory_budget=budget_for_pool(store, plan.nbytes, mx.float32),
+                dtype="float32") as eng:
+        assert eng.cache.nslots == 6
+        got = [t for c in eng.generate(GenRequest(id="g", prompt=prompt, max_tokens=6))
+               for t in c.token_ids]
+    assert groups and max(groups) >= 2
     assert got == want
 
 

@@ -69,7 +69,7 @@ def test_uniform_model_and_decode_parts():
     # a token's 12 lookups outnumber 10 slots: LRU evicts each expert before its turn
     few, _ = F.hit_rate_model(None, layers=6, experts=8, k=2)
     assert few(10 / 48) < 0.05
-    c = F.ComputeRate(decode_s=0.1, decode_spread=0.0, prefill_s=0.05, bank_share=0.5)
+    c = F.ComputeRate(decode_s=0.1, decode_spread=0.0, prefill_s=0.05)
     io = F.IoRate(latency_s=0.001, per_record_s=0.002, copy_s=0.0005, spread=0.0,
                   record_bytes=1000)
     all_hit = F.decode_seconds(c, io, layers=4, k=2, hit=1.0)
