@@ -243,12 +243,12 @@ def start_stop_cycles(model: Path, runtime: Path, cycles: int) -> list[float]:
     return took
 
 
-def mlx_lm_ids(path, prompt, n: int, dtype=None) -> list[int]:
+def mlx_lm_ids(path, prompt, n: int, dtype=None, model_config: dict | None = None) -> list[int]:
     """mlx-lm's greedy token ids for ``prompt`` on the checkpoint at ``path``, the reference every
     exactness test compares with: cast to ``dtype``, or as ``mlx_lm.load`` leaves it (None)."""
     from mlx_lm import load, stream_generate
 
-    model, tok = load(str(path))
+    model, tok = load(str(path), model_config=model_config or {})
     if dtype is not None:
         model.set_dtype(dtype)
     ids = []

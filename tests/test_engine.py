@@ -12,7 +12,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm import load as mlx_load
-from mlx_lm import stream_generate
 from support import mlx_lm_ids
 
 from flashmoe.errors import BudgetError
@@ -99,13 +98,7 @@ def test_experts_per_token_override(models):
     path = models[("mixtral", "mlx")]
     store = open_store(path)
     k = max(1, store.top_k - 1)
-    model, tok = mlx_load(str(path), model_config={"num_experts_per_tok": k})
-    model.set_dtype(mx.float32)
-    want = []
-    for r in stream_generate(model, tok, PROMPT, max_tokens=N_TOKENS):
-        if r.finish_reason == "stop":
-            break
-        want.append(r.token)
+    want = mlx_lm_ids(path, PROMPT, N_TOKENS, mx.float32, {"num_experts_per_tok": k})
     with Engine(str(path), memory_budget=quarter_budget(path), experts_per_token=k,
                 dtype="float32") as eng:
         got = [t for c in eng.generate(GenRequest(id="k", prompt=PROMPT, max_tokens=N_TOKENS))
@@ -244,13 +237,7 @@ def test_bad_requests_do_not_end_the_engine_thread(models):
 def test_bfloat16_cache_matches_mlx_lm(models):
     """bf16 cache arrays are filled through uint16 views of the same buffer."""
     path = models[("qwen3_moe", "mlx")]
-    model, tok = mlx_load(str(path))
-    model.set_dtype(mx.bfloat16)
-    want = []
-    for r in stream_generate(model, tok, PROMPT, max_tokens=16):
-        if r.finish_reason == "stop":
-            break
-        want.append(r.token)
+    want = mlx_lm_ids(path, PROMPT, 16, mx.bfloat16)
     with Engine(str(path), memory_budget=quarter_budget(path), dtype="bfloat16") as eng:
         got = [t for c in eng.generate(GenRequest(id="b", prompt=PROMPT, max_tokens=16))
                for t in c.token_ids]

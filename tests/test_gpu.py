@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm import load as mlx_load
-from mlx_lm import stream_generate
+from support import mlx_lm_ids
 
 from flashmoe.orchestrator.budget import budget_for_pool
 from flashmoe.orchestrator.cache import cache_record_bytes
@@ -58,16 +58,12 @@ def checkpoints(tmp_path_factory):
 _REFERENCE: dict = {}
 
 
-def mlx_lm_ids(path, dtype: str) -> list[int]:
-    """mlx-lm's greedy tokens, cast to float32 or left in the checkpoint's dtypes."""
+def reference(path, dtype: str) -> list[int]:
+    """mlx-lm's greedy tokens, cast to float32 or left in the checkpoint's dtypes (once each)."""
     key = (str(path), dtype)
     if key not in _REFERENCE:
-        model, tok = mlx_load(str(path))
-        if dtype == "float32":
-            model.set_dtype(mx.float32)
-        _REFERENCE[key] = [r.token for r in stream_generate(model, tok, PROMPT,
-                                                            max_tokens=N_TOKENS)
-                           if r.finish_reason != "stop"]
+        _REFERENCE[key] = mlx_lm_ids(path, PROMPT, N_TOKENS,
+                                     mx.float32 if dtype == "float32" else None)
     return _REFERENCE[key]
 
 
@@ -109,7 +105,7 @@ def reference_or_skip(path, dtype: str) -> list[int]:
     """mlx-lm's tokens, or a skip where MLX itself has no kernel for the case (on CUDA, 4-bit
     matmuls of these tiny shapes in float32)."""
     try:
-        return mlx_lm_ids(path, dtype)
+        return reference(path, dtype)
     except RuntimeError as e:
         if "No implementation" not in str(e):
             raise
@@ -121,7 +117,7 @@ def test_once_racy_case_is_exact_every_time(checkpoints, dtype):
     """qwen3_moe, HF layout, 40 experts top-4: diverged from mlx-lm at its 7th token in 4 of 6
     runs on an H100 while an I/O thread drove the loaders."""
     path = checkpoints[("qwen3_moe", "hf")]
-    want = mlx_lm_ids(path, dtype)
+    want = reference(path, dtype)
     runs = [engine_ids(path, dtype)[0] for _ in range(REPEATS)]
     assert sum(ids == want for ids in runs) == REPEATS
 
