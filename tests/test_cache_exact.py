@@ -35,19 +35,25 @@ PROMPT = "The expert pool holds"
 N_TOKENS = 16
 # The case that diverged on an H100 (qwen3_moe, HF layout), and the shapes whose small budgets
 # ran out of slots there (mixtral's 8 experts top-2, qwen3_5_moe).
+# Then qwen3_5_moe in mlx-lm's 4-bit layout: the case that still varied on an H100 (the poisoned
+# records there are uint32 weights of all-ones nibbles and NaN scales).
 CASES = {
     "qwen3_moe": dict(layers=4, hidden=256, experts=40, topk=4),
     "mixtral": dict(experts=8, topk=2),
     "qwen3_5_moe": {},
     "deepseek_v3": {},
+    "qwen3_5_moe-mlx": dict(layout="mlx", bits=4),
 }
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu-path")
-    return {arch: synth(root / arch, arch, layout="hf", seed=2, **dims)
-            for arch, dims in CASES.items()}
+    out = {}
+    for name, dims in CASES.items():
+        dims = {"layout": "hf", **dims}
+        out[name] = synth(root / name, name.split("-")[0], seed=2, **dims)
+    return out
 
 
 def mlx_lm_ids(path, n: int = N_TOKENS) -> list[int]:
@@ -58,8 +64,10 @@ def mlx_lm_ids(path, n: int = N_TOKENS) -> list[int]:
 
 
 def quarter_budget(path) -> int:
-    store = open_store(path)  # a float32 cache of a quarter of the bf16 records
-    return budget_for_pool(store, store.expert_bytes_total() * 2 // 4, mx.float32)
+    store = open_store(path)  # a float32 cache of a quarter of the experts
+    rec = cache_record_bytes(store.layout, mx.float32)
+    return budget_for_pool(store, rec * len(store.moe_layers) * store.num_experts // 4,
+                           mx.float32)
 
 
 @pytest.fixture
