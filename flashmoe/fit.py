@@ -8,7 +8,9 @@ backend; on a GPU it overlaps part of the reads, so there the forecast leans low
 - compute: a model of the checkpoint's own mlx-lm class with random weights and one period of
   layers (one layer, or one of each kind where kinds alternate), decoding random tokens with
   one routing sync per MoE layer as the streamed banks do; the layers' time, scaled to the
-  model's layer count, plus the rest of the step (embedding, output head);
+  model's layer count, plus the rest of the step (embedding, output head); timed after a
+  16-token context, and again with the attention layers' KV cache grown to the context limit
+  (random keys and values): attention over a long context slows every token;
 - reads: the loader workers reading random records of the store into a staging pool, one record
   at a time and ``top_k`` at a time (``t = latency + n * per_record``);
 - copies: a record from staging into cache arrays of the compute dtype;
@@ -68,6 +70,7 @@ class ComputeRate:
     decode_s: float
     decode_spread: float  # relative spread of the repeats (interquartile / median)
     prefill_s: float
+    decode_at_context_s: float  # a decode token at the end of the context (attention grows)
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,9 @@ class _TimedLayer:
     def __init__(self, layer, spent: list[float]):
         self.layer, self.spent = layer, spent
 
+    def __getattr__(self, name):  # what the model reads of its layers (qwen3.5: is_linear)
+        return getattr(self.layer, name)
+
     def __call__(self, *args, **kw):
         t0 = time.perf_counter()
         out = self.layer(*args, **kw)
@@ -179,20 +185,27 @@ def _time_layers(model: nn.Module) -> list[float]:
 
 
 def _steps(model: nn.Module, spent: list[float], tokens: int, repeats: int, vocab: int,
-           seconds: float = 0.0) -> tuple[list[float], list[float]]:
+           seconds: float = 0.0, context: int = 16) -> tuple[list[float], list[float]]:
     """Per repeat (at least ``repeats``, for at least ``seconds``): seconds in the decoder
-    layers and outside them, for a step of ``tokens`` random tokens after a 16-token context."""
+    layers and outside them, for a step of ``tokens`` random tokens after ``context`` tokens
+    (16 through the model, the rest random keys and values put straight into the KV cache)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     rng = np.random.default_rng(0)
-    cache = make_prompt_cache(model)
-    mx.eval(model(mx.array(rng.integers(0, vocab, (1, 16))), cache=cache))
+
+    def filled_cache():
+        cache = make_prompt_cache(model)
+        mx.eval(model(mx.array(rng.integers(0, vocab, (1, 16))), cache=cache))
+        _extend_kv(cache, context - 16)
+        return cache
+
+    cache = filled_cache()
     layers, rest = [], []
     end = time.perf_counter() + seconds
     while len(layers) <= repeats or time.perf_counter() < end:
         ids = mx.array(rng.integers(0, vocab, (1, tokens)))
-        if tokens > 1:
-            cache = make_prompt_cache(model)
+        if tokens > 1:  # a step of several tokens starts from the same context every time
+            cache = filled_cache()
         spent[0] = 0.0
         t0 = time.perf_counter()
         mx.eval(model(ids, cache=cache))
@@ -202,10 +215,25 @@ def _steps(model: nn.Module, spent: list[float], tokens: int, repeats: int, voca
     return layers[1:], rest[1:]  # the first step warms up
 
 
+def _extend_kv(cache: list, extra: int) -> None:
+    """Grow every attention layer's KV cache by ``extra`` random positions (caches of a fixed
+    size, such as linear attention's state, stay as they are)."""
+    if extra <= 0:
+        return
+    for c in cache:
+        keys, values = getattr(c, "keys", None), getattr(c, "values", None)
+        if not isinstance(keys, mx.array) or not isinstance(values, mx.array) or keys.ndim != 4:
+            continue
+        k = mx.random.normal((*keys.shape[:2], extra, keys.shape[3])).astype(keys.dtype)
+        v = mx.random.normal((*values.shape[:2], extra, values.shape[3])).astype(values.dtype)
+        mx.eval(c.update_and_fetch(k, v))
+
+
 def measure_compute(store, dtype: mx.Dtype, seconds: float = MEASURE_SECONDS,
-                    prefill_tokens: int = 64) -> ComputeRate:
+                    prefill_tokens: int = 64, context: int = 16) -> ComputeRate:
     """Time the decoder layers of one period and the rest of a step apart, and scale the
-    layers' time to the model's layer count (see the module docstring)."""
+    layers' time to the model's layer count (see the module docstring); decode at a 16-token
+    context and at ``context``."""
     period = B.layer_period(store.config)
     scale = store.num_layers / period
     model = _layers_model(store, period, dtype)
@@ -213,13 +241,20 @@ def measure_compute(store, dtype: mx.Dtype, seconds: float = MEASURE_SECONDS,
     full_vocab = int(B._text(store.config)["vocab_size"])
     vocab = min(full_vocab, SMALL_VOCAB)
     head = full_vocab / vocab  # the output head's share of the rest grows with the vocabulary
-    layers, rest = _steps(model, spent, 1, DECODE_REPEATS, vocab, seconds)
-    per_step = [head * r + scale * lt for lt, r in zip(layers, rest, strict=True)]
-    q = statistics.quantiles(per_step, n=4)
-    decode = statistics.median(per_step)
+
+    def per_step(layers, rest):
+        return [head * r + scale * lt for lt, r in zip(layers, rest, strict=True)]
+
+    short = per_step(*_steps(model, spent, 1, DECODE_REPEATS, vocab, seconds))
+    q = statistics.quantiles(short, n=4)
+    decode = statistics.median(short)
+    at_context = decode
+    if context > 16:
+        at_context = statistics.median(per_step(*_steps(model, spent, 1, DECODE_REPEATS, vocab,
+                                                        seconds, context)))
     p_layers, p_rest = _steps(model, spent, prefill_tokens, 1, vocab)
     prefill = (head * p_rest[0] + scale * p_layers[0]) / prefill_tokens
-    return ComputeRate(decode, (q[2] - q[0]) / decode, prefill)
+    return ComputeRate(decode, (q[2] - q[0]) / decode, prefill, at_context)
 
 
 # -- reads ---------------------------------------------------------------------------------------
@@ -406,9 +441,13 @@ def forecast(store, plan: B.BudgetPlan, compute: ComputeRate, io: IoRate, hit_of
     share = pool.cache_slots / (layers * E)
     hit = hit_of(share)
     parts = decode_seconds(compute, io, layers, k, hit)
-    total = parts["compute_s"] + parts["io_s"] + parts["copy_s"]
+    reads = parts["io_s"] + parts["copy_s"]
     margin = min(MAX_MARGIN, MODEL_MARGIN + max(compute.decode_spread, io.spread) / 2)
-    expected = 1 / total
+
+    def band(compute_s: float) -> dict:
+        expected = 1 / (compute_s + reads)
+        return dict(low=expected * (1 - margin), expected=expected, high=expected * (1 + margin))
+
     # Prefill: each step of up to 2,048 tokens reads the union of its experts once per layer,
     # group by group where the cache holds fewer (each group computes only its own tokens).
     step = min(B.PREFILL_STEP, prefill_tokens)
@@ -424,10 +463,10 @@ def forecast(store, plan: B.BudgetPlan, compute: ComputeRate, io: IoRate, hit_of
         bytes_per_token=parts["misses"] * store.layout.nbytes,
         misses_per_token=parts["misses"],
         compute_tokens_per_s=1 / parts["compute_s"],
-        io_tokens_per_s=1 / (parts["io_s"] + parts["copy_s"]) if parts["misses"] else math.inf,
+        io_tokens_per_s=1 / reads if parts["misses"] else math.inf,
         decode_parts_s=parts,
-        decode_tokens_per_s=dict(low=expected * (1 - margin), expected=expected,
-                                 high=expected * (1 + margin)),
+        decode_tokens_per_s=band(compute.decode_s),
+        decode_tokens_per_s_at_context=band(compute.decode_at_context_s),
         prefill_tokens_per_s=prefill_tokens / (compute_s + read_s),
         prefill_groups=groups,
     )
@@ -487,7 +526,7 @@ def fit(model: str, budget: str | int | None, context: int | None, trace: str | 
                workspace_bytes=B.prefill_workspace(store.config, ctx, dtype.size),
                min_expert_cache=min_pool, min_budget=fixed + min_pool)
     t1 = time.perf_counter()
-    compute = measure_compute(store, dtype, seconds)
+    compute = measure_compute(store, dtype, seconds, context=ctx)
     t2 = time.perf_counter()
     io = measure_io(store, settings, seconds, dtype)
     out["measure_s"] = dict(index_and_kv=t1 - t0, compute=t2 - t1,
@@ -502,7 +541,7 @@ def fit(model: str, budget: str | int | None, context: int | None, trace: str | 
                    **forecast(store, plan, compute, io, hit_of, dtype, settings, ctx))
     else:
         out.update(hit_rate=None, bytes_per_token=None, prefill_tokens_per_s=None,
-                   decode_tokens_per_s=None)
+                   decode_tokens_per_s=None, decode_tokens_per_s_at_context=None)
     store.close()
     out["fit_seconds"] = time.perf_counter() - t0
     out["load_average"] = os.getloadavg()[0]
@@ -533,7 +572,7 @@ def _table(d: dict) -> str:
                  f"{d['read_latency_s'] * 1e3:.2f} ms per layer's reads"),
     ]
     if d["fits"]:
-        r = d["decode_tokens_per_s"]
+        r, c = d["decode_tokens_per_s"], d["decode_tokens_per_s_at_context"]
         rows += [
             ("expert cache", f"{d['cache_slots']} slots = {d['cached_share']:.1%} of the experts"),
             ("hit rate", f"{d['hit_rate']:.1%} ({d['hit_model']})"),
@@ -542,6 +581,8 @@ def _table(d: dict) -> str:
             ("I/O-bound rate", f"{d['io_tokens_per_s']:.2f} tok/s"),
             ("compute-bound rate", f"{d['compute_tokens_per_s']:.2f} tok/s"),
             ("decode", f"{r['expected']:.2f} tok/s (band {r['low']:.2f} .. {r['high']:.2f})"),
+            ("decode at the end", f"{c['expected']:.2f} tok/s (band {c['low']:.2f} .. "
+                                  f"{c['high']:.2f}) with {d['context']} tokens of context"),
             ("prefill", f"{d['prefill_tokens_per_s']:.1f} tok/s for {d['context']} tokens"),
         ]
     rows.append(("fit took", f"{d['fit_seconds']:.1f} s"))

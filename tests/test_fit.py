@@ -69,7 +69,8 @@ def test_uniform_model_and_decode_parts():
     # a token's 12 lookups outnumber 10 slots: LRU evicts each expert before its turn
     few, _ = F.hit_rate_model(None, layers=6, experts=8, k=2)
     assert few(10 / 48) < 0.05
-    c = F.ComputeRate(decode_s=0.1, decode_spread=0.0, prefill_s=0.05)
+    c = F.ComputeRate(decode_s=0.1, decode_spread=0.0, prefill_s=0.05,
+                      decode_at_context_s=0.2)
     io = F.IoRate(latency_s=0.001, per_record_s=0.002, copy_s=0.0005, spread=0.0,
                   record_bytes=1000)
     all_hit = F.decode_seconds(c, io, layers=4, k=2, hit=1.0)
@@ -87,8 +88,8 @@ def test_fit_command_json(tiny, capsys):
                 "hit_rate", "bytes_per_token", "prefill_tokens_per_s", "decode_tokens_per_s"):
         assert key in d
     assert d["fits"] is True and d["min_budget"] <= d["memory_budget"]
-    band = d["decode_tokens_per_s"]
-    assert band["low"] < band["expected"] < band["high"] <= 1.3 * band["expected"]
+    for band in (d["decode_tokens_per_s"], d["decode_tokens_per_s_at_context"]):
+        assert band["low"] < band["expected"] < band["high"] <= 1.3 * band["expected"]
     assert d["kv_bytes"] == d["kv_bytes_per_token"] * d["context"]
     assert 0 <= d["hit_rate"] <= 1
     assert d["min_budget"] < d["recommended_budget"]
@@ -103,3 +104,34 @@ def test_fit_too_small_and_bad_input(tiny, capsys):
     assert "--context: 0 is out of range" in capsys.readouterr().err
     assert main(["fit", str(tiny / "nope")]) == 2
     assert main(["fit", str(tiny), "--memory-budget", "lots"]) == 2
+
+
+@pytest.mark.parametrize("arch,layers", [("qwen3_moe", 1), ("qwen3_5_moe", 4)])
+def test_decode_at_context_grows_the_attention_caches_only(arch, layers, tmp_path):
+    """The long-context decode is timed over KV caches grown to the context: the attention
+    layer's of the measured period (qwen3_5_moe: one of its four layers; linear attention
+    keeps its fixed-size state)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from flashmoe.orchestrator import budget as B
+    from flashmoe.store import open_store
+
+    store = open_store(synth(tmp_path / arch, arch, layout="hf"))
+    model = F._layers_model(store, B.layer_period(store.config), F.mx.float32)
+    cache = make_prompt_cache(model)
+    model(F.mx.array([[1, 2, 3]]), cache=cache)
+    F._extend_kv(cache, 1000)
+    assert len(cache) == layers
+    assert [getattr(c, "offset", None) for c in cache][-1] == 1003
+    assert all(not hasattr(c, "offset") for c in cache[:-1])
+
+
+def test_fit_runs_on_a_hybrid_model(tmp_path, capsys):
+    """qwen3.5's model reads attributes of its layers (``is_linear``) that fit's timing wrapper
+    must pass through."""
+    path = synth(tmp_path / "q35", "qwen3_5_moe", layout="mlx", bits=4)
+    assert main(["fit", str(path), "--memory-budget", "64MiB", "--context", "1024",
+                 "--seconds", "0.3", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["fits"] is True and d["context"] == 1024
+    assert d["decode_tokens_per_s_at_context"]["expected"] > 0
