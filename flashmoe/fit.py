@@ -456,7 +456,11 @@ def forecast(store, plan: B.BudgetPlan, compute: ComputeRate, io: IoRate, hit_of
     groups = math.ceil(union / pool.cache_slots)
     missed = layers * union * (1 - hit if groups == 1 else 1)
     read_s = steps * (layers * io.latency_s + missed * (io.per_record_s + io.copy_s))
-    compute_s = prefill_tokens * compute.prefill_s
+    # A prompt's token attends to half the prompt on average, and attention costs about the
+    # same per (query, key) whether queries come one at a time or in a step, so each token
+    # adds half of what decode at the context limit (``prefill_tokens``) adds over decode.
+    attention_s = max(compute.decode_at_context_s - compute.decode_s, 0.0) / 2
+    compute_s = prefill_tokens * (compute.prefill_s + attention_s)
     return dict(
         cache_slots=pool.cache_slots, staging_slots=pool.staging_slots,
         cached_share=share, hit_rate=hit,
