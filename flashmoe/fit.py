@@ -252,8 +252,8 @@ def measure_compute(store, dtype: mx.Dtype, seconds: float = MEASURE_SECONDS,
     if context > 16:
         at_context = statistics.median(per_step(*_steps(model, spent, 1, DECODE_REPEATS, vocab,
                                                         seconds, context)))
-    p_layers, p_rest = _steps(model, spent, prefill_tokens, 1, vocab)
-    prefill = (head * p_rest[0] + scale * p_layers[0]) / prefill_tokens
+    prefill = statistics.median(per_step(*_steps(model, spent, prefill_tokens, 3,
+                                                 vocab))) / prefill_tokens
     return ComputeRate(decode, (q[2] - q[0]) / decode, prefill, at_context)
 
 
