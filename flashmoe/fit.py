@@ -162,6 +162,8 @@ class _TimedLayer:
         self.layer, self.spent = layer, spent
 
     def __getattr__(self, name):  # what the model reads of its layers (qwen3.5: is_linear)
+        if name == "layer":
+            raise AttributeError(name)
         return getattr(self.layer, name)
 
     def __call__(self, *args, **kw):

@@ -108,8 +108,8 @@ def test_fit_too_small_and_bad_input(tiny, capsys):
 
 @pytest.mark.parametrize("arch,layers", [("qwen3_moe", 1), ("qwen3_5_moe", 4)])
 def test_decode_at_context_grows_the_attention_caches_only(arch, layers, tmp_path):
-    """The long-context decode is timed over KV caches grown to the context: the attention
-    layer's of the measured period (qwen3_5_moe: one of its four layers; linear attention
+    """The long-context decode is timed over KV caches grown to the context: those of the
+    measured period's attention layers (qwen3_5_moe: one of its four layers; linear attention
     keeps its fixed-size state)."""
     from mlx_lm.models.cache import make_prompt_cache
 
