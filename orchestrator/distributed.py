@@ -102,8 +102,13 @@ def lost_peer(e: BaseException | None) -> bool:
 
 
 def lost_peer_line(stage: Stage, e: BaseException) -> str:
-    return (f"error: rank {stage.rank} ({stage.host}): lost the connection to another rank of "
-            f"the pipeline ({e})")
+    """The one line a rank prints when the pipeline lost a peer (``lost_peer(e)``)."""
+    return f"error: {lost_peer_message(stage, e)}"
+
+
+def lost_peer_message(stage: Stage, e: BaseException) -> str:
+    return f"rank {stage.rank} ({stage.host}): lost the connection to another rank of the " \
+        f"pipeline ({e})"
 
 
 def join(split: list[int] | None = None) -> Stage:
@@ -246,13 +251,12 @@ class Stage:
                     on_chunk(chunk)
             except Exception as e:  # the request fails; the daemon goes on unless a rank is lost
                 lost = lost_peer(e)
-                msg = (f"rank {self.rank} ({self.host}): lost the connection to another rank of "
-                       f"the pipeline ({e})" if lost else f"{type(e).__name__}: {e}")
+                msg = lost_peer_message(self, e) if lost else f"{type(e).__name__}: {e}"
                 on_chunk(Chunk(req.id, "", [], finish_reason="error", error=msg))
                 if lost:
                     self.broken = True
                     os.kill(os.getpid(), signal.SIGTERM)  # the daemon stops, and says why
-                    print(f"error: {msg}", file=sys.stderr, flush=True)
+                    print(lost_peer_line(self, e), file=sys.stderr, flush=True)
 
     # -- ranks > 0 ---------------------------------------------------------------------------
     def follow(self, engine) -> None:
