@@ -151,7 +151,7 @@ class StreamedBank:
         def emit(mask):
             pairs = np.flatnonzero(mask)
             if pairs.size:
-                out = self.inner(xs[mx.array(pairs // k)], mx.array(slot_of[pairs][:, None]))
+                out = self._pairs(xs, k, pairs, slot_of[pairs])
                 mx.async_eval(out)
                 parts.append(out)
                 orders.append(pairs)
@@ -165,10 +165,7 @@ class StreamedBank:
             emit(left & np.isin(slot_of, landed))
         h.wait()
         emit(left.copy())
-        self.cache.stats.parts += len(parts)
-        order = np.concatenate(orders)
-        out = parts[0] if len(parts) == 1 else mx.concatenate(parts)
-        return out[mx.array(np.argsort(order))].reshape(*ids.shape, x.shape[-1])
+        return self._in_order(parts, orders, ids, x)
 
     def _grouped(self, x, ids, experts):
         """More distinct experts than cache slots (a long prefill on a small budget): one group
@@ -187,16 +184,25 @@ class StreamedBank:
                 remap = np.zeros(self.num_experts, dtype=np.uint32)
                 remap[group] = h.slots
                 pairs = np.flatnonzero(np.isin(flat, group))
-                part = self.inner(xs[mx.array(pairs // k)], mx.array(remap[flat[pairs]][:, None]))
+                part = self._pairs(xs, k, pairs, remap[flat[pairs]])
                 mx.eval(part)
             finally:
                 h.release()
             parts.append(part)
             orders.append(pairs)
+        return self._in_order(parts, orders, ids, x)
+
+    def _pairs(self, xs: mx.array, k: int, pairs: np.ndarray, slots: np.ndarray) -> mx.array:
+        """mlx-lm's bank on the (token, expert) pairs ``pairs`` (indices into the flattened
+        routing of ``k`` experts per token) with their cache ``slots``: [pairs, 1, hidden]."""
+        return self.inner(xs[mx.array(pairs // k)], mx.array(slots[:, None]))
+
+    def _in_order(self, parts: list, orders: list, ids: np.ndarray, x: mx.array) -> mx.array:
+        """The parts' pairs back in routing order, shaped as mlx-lm's bank returns them."""
         self.cache.stats.parts += len(parts)
-        order = np.concatenate(orders)
-        return mx.concatenate(parts)[mx.array(np.argsort(order))].reshape(*ids.shape,
-                                                                          x.shape[-1])
+        out = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        return out[mx.array(np.argsort(np.concatenate(orders)))].reshape(*ids.shape,
+                                                                         x.shape[-1])
 
 
 def _best_first(guess: np.ndarray) -> list[int]:
