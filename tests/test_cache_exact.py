@@ -20,8 +20,7 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm import load as mlx_load
-from mlx_lm import stream_generate
+import support
 
 from flashmoe.errors import BudgetError
 from flashmoe.orchestrator import engine, streamed
@@ -56,11 +55,8 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def mlx_lm_ids(path, n: int = N_TOKENS) -> list[int]:
-    model, tok = mlx_load(str(path))
-    model.set_dtype(mx.float32)
-    return [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=n)
-            if r.finish_reason != "stop"]
+def mlx_lm_ids(path) -> list[int]:
+    return support.mlx_lm_ids(path, PROMPT, N_TOKENS, mx.float32)
 
 
 def quarter_budget(path) -> int:
